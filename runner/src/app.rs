@@ -1,0 +1,149 @@
+//! Wiring: builds every part from a checked [`Config`] in dependency order (rules, database,
+//! subscribers, Kafka), starts the loops, and stops them as an ordered drain before a deadline.
+
+use crate::cache::SubscriberCache;
+use crate::config::Config;
+use crate::events::{Events, Stats};
+use crate::pipeline::{Clock, Pipeline, SystemClock};
+use crate::rules::{Evaluator, RulesEngine, RulesHandle, SandboxLimits};
+use crate::sink::feedback::FeedbackSink;
+use crate::sink::kafka::KafkaSink;
+use crate::{db, source};
+use anyhow::{Context, Result};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Options a test or the demo may change; production uses the defaults.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { clock: Arc::new(SystemClock) }
+    }
+}
+
+/// A started runner.
+#[derive(Debug)]
+pub struct Running {
+    pub events: Arc<Events>,
+    pub rules: RulesHandle,
+    pub cache: SubscriberCache,
+    shutdown: watch::Sender<bool>,
+    hard_stop: watch::Sender<bool>,
+    pipeline: JoinHandle<()>,
+    refresher: JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+/// Starts every part; returns once the runner consumes.
+pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
+    let engine = RulesEngine::new(SandboxLimits::from(&config.rules)).context("starting the WASM engine")?;
+    let loaded = engine
+        .load_file(&config.rules.path)
+        .with_context(|| format!("loading the rules component {}", config.rules.path.display()))?;
+    tracing::info!(rules = %loaded.identity(), path = %config.rules.path.display(), "Rules component loaded.");
+    let rules = RulesHandle::new(loaded);
+
+    let pg = db::connect(&config.postgres_url).await.context("connecting to PostgreSQL")?;
+    db::ensure_schema(&pg).await.context("checking the PostgreSQL schema")?;
+    // Campaigns wait for this: they are never joined against an empty cache.
+    let cache = SubscriberCache::load(&pg).await.context("loading subscribers")?;
+    let snapshot = cache.snapshot();
+    tracing::info!(
+        subscriptions = snapshot.subscriptions(),
+        restaurants = snapshot.restaurants(),
+        "Subscribers loaded."
+    );
+
+    let kafka = KafkaSink::new(&config.kafka.producer_config()).context("creating the Kafka producer")?;
+    let consumer = source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
+        .context("creating the Kafka consumer")?;
+
+    let events = Arc::new(Events::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (hard_tx, hard_rx) = watch::channel(false);
+
+    let refresher = tokio::spawn(cache.clone().refresh_loop(
+        config.postgres_url.clone(),
+        Some(pg),
+        config.subscribers_refresh,
+        events.clone(),
+        shutdown_rx.clone(),
+    ));
+    let pipeline = Pipeline {
+        cfg: config.pipeline.clone(),
+        output_topic: config.kafka.output_topic.clone(),
+        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        consumer: Arc::new(consumer),
+        evaluator: Some(Evaluator::new(rules.clone())),
+        cache: cache.clone(),
+        kafka,
+        feedback: FeedbackSink::new(config.postgres_url.clone(), None),
+        events: events.clone(),
+        clock: options.clock,
+    };
+    let pipeline = tokio::spawn(pipeline.run(shutdown_rx, hard_rx));
+    tracing::info!(
+        brokers = config.kafka.brokers(),
+        input = %config.kafka.input_topic,
+        output = %config.kafka.output_topic,
+        dead_letters = %config.kafka.dead_letter_topic,
+        "Runner consuming."
+    );
+    Ok(Running {
+        events,
+        rules,
+        cache,
+        shutdown: shutdown_tx,
+        hard_stop: hard_tx,
+        pipeline,
+        refresher,
+        shutdown_timeout: config.pipeline.shutdown_timeout,
+    })
+}
+
+impl Running {
+    pub fn stats(&self) -> Stats {
+        self.events.stats()
+    }
+
+    /// Ordered drain: stop consuming, finish the batch in hand, flush, commit — within the
+    /// shutdown deadline; past it, abandon the batch (it is consumed again next time).
+    pub async fn stop(mut self) -> Result<Stats> {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(self.shutdown_timeout, &mut self.pipeline).await;
+        if drained.is_err() {
+            tracing::warn!(deadline = ?self.shutdown_timeout, "Shutdown deadline passed; abandoning the batch in hand.");
+            let _ = self.hard_stop.send(true);
+            if tokio::time::timeout(Duration::from_secs(10), &mut self.pipeline).await.is_err() {
+                self.pipeline.abort();
+            }
+        }
+        let _ = (&mut self.refresher).await;
+        let stats = self.events.stats();
+        tracing::info!(stats = ?stats, "Runner stopped.");
+        Ok(stats)
+    }
+
+    /// Runs until `signal` resolves or the pipeline ends by itself (an error), then stops.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<Stats> {
+        tokio::select! {
+            _ = signal => self.stop().await,
+            r = &mut self.pipeline => {
+                r.context("the pipeline task failed")?;
+                anyhow::bail!("the pipeline stopped by itself")
+            }
+        }
+    }
+}
+
+/// Starts a runner and runs it until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Stats> {
+    start(config, RunOptions::default()).await?.run_until(shutdown).await
+}

@@ -1,0 +1,137 @@
+//! What the runner reports: each event is one method that both logs a sentence with structured
+//! fields and counts, so logs and counters cannot disagree. [`Stats`] is the counted view.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Where an input message came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourcePos {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl fmt::Display for SourcePos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// Why a valid message produced nothing (counted, logged, not dead-lettered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The campaign starts later than now.
+    NotStarted,
+    /// The campaign ended.
+    Expired,
+    /// The restaurant has no subscribers.
+    NoSubscribers,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotStarted => "not_started",
+            SkipReason::Expired => "expired",
+            SkipReason::NoSubscribers => "no_subscribers",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Events {
+    received: AtomicU64,
+    campaigns_delivered: AtomicU64,
+    drafts_delivered: AtomicU64,
+    offsets_stored: AtomicU64,
+    batches: AtomicU64,
+    sink_retries: AtomicU64,
+    skipped: Mutex<BTreeMap<&'static str, u64>>,
+    dead_lettered: Mutex<BTreeMap<String, u64>>,
+    pub(crate) cache_stale: AtomicBool,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Input messages taken from the topic.
+    pub received: u64,
+    /// Active campaigns whose drafts are in both sinks.
+    pub campaigns_delivered: u64,
+    /// Drafts in both sinks.
+    pub drafts_delivered: u64,
+    /// Input messages whose offset was stored after their results were durable.
+    pub offsets_stored: u64,
+    pub batches: u64,
+    pub sink_retries: u64,
+    pub skipped: BTreeMap<&'static str, u64>,
+    pub dead_lettered: BTreeMap<String, u64>,
+    pub cache_stale: bool,
+}
+
+impl Stats {
+    /// Every input message accounted for: delivered, skipped or dead-lettered.
+    pub fn settled(&self) -> u64 {
+        self.campaigns_delivered + self.skipped.values().sum::<u64>() + self.dead_lettered.values().sum::<u64>()
+    }
+
+    pub fn skipped(&self, reason: SkipReason) -> u64 {
+        self.skipped.get(reason.as_str()).copied().unwrap_or(0)
+    }
+
+    pub fn dead_lettered(&self, code: &str) -> u64 {
+        self.dead_lettered.get(code).copied().unwrap_or(0)
+    }
+}
+
+impl Events {
+    pub fn stats(&self) -> Stats {
+        Stats {
+            received: self.received.load(Ordering::Relaxed),
+            campaigns_delivered: self.campaigns_delivered.load(Ordering::Relaxed),
+            drafts_delivered: self.drafts_delivered.load(Ordering::Relaxed),
+            offsets_stored: self.offsets_stored.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            sink_retries: self.sink_retries.load(Ordering::Relaxed),
+            skipped: self.skipped.lock().expect("stats lock").clone(),
+            dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
+            cache_stale: self.cache_stale.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn skipped(&self, reason: SkipReason, pos: &SourcePos, campaign_id: &str) {
+        tracing::info!(reason = reason.as_str(), source = %pos, campaign_id, "Campaign skipped: it produces no drafts.");
+        *self.skipped.lock().expect("stats lock").entry(reason.as_str()).or_default() += 1;
+    }
+
+    pub fn dead_lettered(&self, code: &str, detail: &str, pos: &SourcePos, rules: &str) {
+        tracing::warn!(reason = code, detail, source = %pos, rules, "Message dead-lettered.");
+        *self.dead_lettered.lock().expect("stats lock").entry(code.to_string()).or_default() += 1;
+    }
+
+    pub fn delivered(&self, pos: &SourcePos, campaign_id: &str, drafts: usize, rules: &str) {
+        tracing::debug!(source = %pos, campaign_id, drafts, rules, "Campaign delivered to both sinks.");
+        self.campaigns_delivered.fetch_add(1, Ordering::Relaxed);
+        self.drafts_delivered.fetch_add(drafts as u64, Ordering::Relaxed);
+    }
+
+    pub fn batch_committed(&self, messages: usize, drafts: usize, elapsed: std::time::Duration) {
+        tracing::debug!(messages, drafts, elapsed_ms = elapsed.as_millis() as u64, "Batch durable in both sinks; offsets stored.");
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.offsets_stored.fetch_add(messages as u64, Ordering::Relaxed);
+    }
+
+    pub fn sink_retry(&self, sink: &'static str, error: &dyn fmt::Display, attempt: u32, backoff: std::time::Duration) {
+        tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
+        self.sink_retries.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,187 @@
+//! Helpers for the end-to-end tests: service addresses from the environment with local
+//! defaults, a fresh database and fresh topics per test, and waiting for a condition with a
+//! deadline instead of sleeping.
+
+use anyhow::{Context, Result};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use runner::app::{self, RunOptions, Running};
+use runner::config::{Config, Sources};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use runner::demo::{produce, read_topic, wait_for, SPEC_CAMPAIGN, SPEC_SUBSCRIBERS};
+
+/// A PostgreSQL database where tests may create their own databases.
+pub fn pg_admin_url() -> String {
+    std::env::var("TEST_PG_ADMIN_URL").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+/// The built campaign rules component.
+pub fn rules_wasm() -> PathBuf {
+    let p = std::env::var_os("CAMPAIGN_RULES_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/wasm/campaign-rules.wasm"));
+    assert!(p.exists(), "{} is missing: run `make transforms` first", p.display());
+    p
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A fresh database of its own for one test, with the runner's schema.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Result<TestDb> {
+        let name = unique("t");
+        let url = runner::demo::fresh_database(&pg_admin_url(), &name).await?;
+        Ok(TestDb { name, url })
+    }
+
+    pub async fn client(&self) -> Result<tokio_postgres::Client> {
+        Ok(runner::db::connect(&self.url).await?)
+    }
+
+    pub async fn with_schema(self) -> Result<TestDb> {
+        runner::db::ensure_schema(&self.client().await?).await?;
+        Ok(self)
+    }
+
+    pub async fn seed_spec_subscribers(&self) -> Result<()> {
+        let c = self.client().await?;
+        for (client, restaurant) in SPEC_SUBSCRIBERS {
+            self.subscribe_with(&c, client, restaurant).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn subscribe_with(&self, c: &tokio_postgres::Client, client: &str, restaurant: &str) -> Result<()> {
+        c.execute(
+            "INSERT INTO public.subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
+            &[&client, &restaurant],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn count(&self, sql: &str) -> Result<i64> {
+        Ok(self.client().await?.query_one(sql, &[]).await?.get(0))
+    }
+}
+
+/// An in-process librdkafka mock cluster with this test's own topics.
+pub struct MockKafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub brokers: String,
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+}
+
+impl std::fmt::Debug for MockKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockKafka").field("brokers", &self.brokers).finish()
+    }
+}
+
+impl MockKafka {
+    pub fn new(input_partitions: i32) -> Result<MockKafka> {
+        let cluster = MockCluster::new(1).context("mock cluster")?;
+        let brokers = cluster.bootstrap_servers();
+        let (input, output, dlq) = (unique("campaigns"), unique("drafts"), unique("dlq"));
+        cluster.create_topic(&input, input_partitions, 1)?;
+        cluster.create_topic(&output, 2, 1)?;
+        cluster.create_topic(&dlq, 1, 1)?;
+        Ok(MockKafka { cluster, brokers, input, output, dlq })
+    }
+
+    pub async fn produce(&self, messages: &[(Option<&str>, &[u8])]) -> Result<()> {
+        produce(&self.brokers, &self.input, messages).await
+    }
+
+    pub async fn drafts(&self, expected: usize) -> Result<Vec<OwnedMessage>> {
+        read_topic(&self.brokers, &self.output, expected, Duration::from_secs(10)).await
+    }
+
+    pub async fn dead_letters(&self, expected: usize) -> Result<Vec<OwnedMessage>> {
+        read_topic(&self.brokers, &self.dlq, expected, Duration::from_secs(10)).await
+    }
+}
+
+/// The runner configuration for one test: its topics, its database, the built rules.
+pub fn config(kafka: &MockKafka, db: &TestDb, extra: &str) -> Config {
+    let overlay = format!(
+        "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{}\"\noutput_topic = \"{}\"\ndead_letter_topic = \"{}\"\n\
+         group_id = \"{}\"\n[postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\n",
+        kafka.brokers,
+        kafka.input,
+        kafka.output,
+        kafka.dlq,
+        unique("group"),
+        db.url,
+        rules_wasm().display()
+    );
+    // `extra` is merged last, so a test can override any section.
+    let overlay = merge_toml(&overlay, extra);
+    Config::load(&Sources { file: None, overlay: Some(&overlay), env: false }).expect("test config is valid")
+}
+
+fn merge_toml(base: &str, extra: &str) -> String {
+    let mut base: toml::Table = base.parse().expect("base overlay");
+    let extra: toml::Table = extra.parse().expect("extra overlay");
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    base.to_string()
+}
+
+pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
+    app::start(config, options).await
+}
+
+/// A clock stuck at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedClock(pub i64);
+
+impl runner::pipeline::Clock for FixedClock {
+    fn now(&self) -> i64 {
+        self.0
+    }
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    let hs = m.headers()?;
+    hs.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+pub fn json(m: &OwnedMessage) -> serde_json::Value {
+    serde_json::from_slice(m.payload().expect("a value")).expect("JSON value")
+}
+
+/// A campaign value for `restaurant`, with the given window.
+pub fn campaign(restaurant: &str, campaign_id: &str, start: i64, end: i64) -> String {
+    serde_json::json!({
+        "restaurant_id": restaurant,
+        "adv_campaign_id": campaign_id,
+        "adv_campaign_content": format!("campaign {campaign_id}"),
+        "adv_campaign_owner": "Ivanov Ivan Ivanovich",
+        "adv_campaign_owner_contact": "iiivanov@restaurant.ru",
+        "adv_campaign_datetime_start": start,
+        "adv_campaign_datetime_end": end,
+        "datetime_created": start - 100,
+    })
+    .to_string()
+}

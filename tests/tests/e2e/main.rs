@@ -1,0 +1,8 @@
+//! End-to-end scenarios against real PostgreSQL and the Kafka protocol (librdkafka's mock
+//! cluster, in-process). One binary; every test has its own topics and database.
+
+mod dead_letters;
+mod operator;
+mod pipeline;
+mod restart;
+mod schema;

@@ -1,0 +1,110 @@
+//! The campaign rules component: the WIT glue around [`rules`]. Built for
+//! `wasm32-unknown-unknown` and turned into a component by `transforms/componentize`, so it
+//! imports nothing but `host-log` (no WASI: no clock, files, network, environment or random).
+
+pub mod rules;
+
+// wit-bindgen's generated export glue is `unsafe` by nature (raw ABI pointers).
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)]
+mod component {
+    use super::rules;
+
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "campaign-rules",
+    });
+
+    use exports::fooddelivery::campaign_rules::rules::Guest;
+    use fooddelivery::campaign_rules::host_log::{log, Level};
+    use fooddelivery::campaign_rules::types::{
+        Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict,
+    };
+
+    /// The version this component reports; the runner logs it and stamps it on every output.
+    const VERSION: &str = concat!("campaign-rules ", env!("CARGO_PKG_VERSION"));
+
+    struct Component;
+    export!(Component);
+
+    /// A panic aborts the guest (a trap for the host); send its message to the host's log first.
+    fn install_panic_hook() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::panic::set_hook(Box::new(|info| log(Level::Error, &format!("rules panicked: {info}"))));
+        });
+    }
+
+    impl From<rules::Campaign> for Campaign {
+        fn from(c: rules::Campaign) -> Self {
+            Campaign {
+                restaurant_id: c.restaurant_id,
+                adv_campaign_id: c.adv_campaign_id,
+                adv_campaign_content: c.adv_campaign_content,
+                adv_campaign_owner: c.adv_campaign_owner,
+                adv_campaign_owner_contact: c.adv_campaign_owner_contact,
+                adv_campaign_datetime_start: c.adv_campaign_datetime_start,
+                adv_campaign_datetime_end: c.adv_campaign_datetime_end,
+                datetime_created: c.datetime_created,
+            }
+        }
+    }
+
+    impl From<Campaign> for rules::Campaign {
+        fn from(c: Campaign) -> Self {
+            rules::Campaign {
+                restaurant_id: c.restaurant_id,
+                adv_campaign_id: c.adv_campaign_id,
+                adv_campaign_content: c.adv_campaign_content,
+                adv_campaign_owner: c.adv_campaign_owner,
+                adv_campaign_owner_contact: c.adv_campaign_owner_contact,
+                adv_campaign_datetime_start: c.adv_campaign_datetime_start,
+                adv_campaign_datetime_end: c.adv_campaign_datetime_end,
+                datetime_created: c.datetime_created,
+            }
+        }
+    }
+
+    fn code(c: rules::Code) -> RejectionCode {
+        match c {
+            rules::Code::NotUtf8 => RejectionCode::NotUtf8,
+            rules::Code::MalformedJson => RejectionCode::MalformedJson,
+            rules::Code::NotAnObject => RejectionCode::NotAnObject,
+            rules::Code::MissingField => RejectionCode::MissingField,
+            rules::Code::WrongType => RejectionCode::WrongType,
+            rules::Code::InvalidUuid => RejectionCode::InvalidUuid,
+            rules::Code::InvalidInterval => RejectionCode::InvalidInterval,
+        }
+    }
+
+    impl Guest for Component {
+        fn version() -> String {
+            VERSION.to_string()
+        }
+
+        fn validate(payload: Vec<u8>, now: i64) -> Result<Verdict, Rejection> {
+            install_panic_hook();
+            match rules::validate(&payload) {
+                Ok(c) => {
+                    let activity = match rules::activity(&c, now) {
+                        rules::Activity::Active => Activity::Active,
+                        rules::Activity::NotStarted => Activity::NotStarted,
+                        rules::Activity::Expired => Activity::Expired,
+                    };
+                    Ok(Verdict { campaign: c.into(), activity })
+                }
+                Err(r) => Err(Rejection { code: code(r.code), field: r.field, detail: r.detail }),
+            }
+        }
+
+        fn shape(campaign: Campaign, clients: Vec<String>, now: i64) -> Drafts {
+            install_panic_hook();
+            let c: rules::Campaign = campaign.into();
+            let drafts = rules::shape(&c, clients.iter().map(String::as_str), now)
+                .into_iter()
+                .map(|(client_id, payload)| Draft { client_id, payload })
+                .collect();
+            Drafts { campaign: c.into(), trigger_datetime_created: now, drafts }
+        }
+    }
+}
