@@ -24,7 +24,7 @@ transforms: setup
 
 ## The demo on embedded defaults (mock Kafka cluster in-process, local PostgreSQL).
 demo: transforms
-	cargo run -q -p runner -- demo --rules $(CAMPAIGN_WASM)
+	cargo run -q -p runner -- --log warn demo --rules $(CAMPAIGN_WASM)
 
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms

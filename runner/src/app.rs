@@ -24,7 +24,9 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { clock: Arc::new(SystemClock) }
+        RunOptions {
+            clock: Arc::new(SystemClock),
+        }
     }
 }
 
@@ -43,17 +45,27 @@ pub struct Running {
 
 /// Starts every part; returns once the runner consumes.
 pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
-    let engine = RulesEngine::new(SandboxLimits::from(&config.rules)).context("starting the WASM engine")?;
-    let loaded = engine
-        .load_file(&config.rules.path)
-        .with_context(|| format!("loading the rules component {}", config.rules.path.display()))?;
+    let engine =
+        RulesEngine::new(SandboxLimits::from(&config.rules)).context("starting the WASM engine")?;
+    let loaded = engine.load_file(&config.rules.path).with_context(|| {
+        format!(
+            "loading the rules component {}",
+            config.rules.path.display()
+        )
+    })?;
     tracing::info!(rules = %loaded.identity(), path = %config.rules.path.display(), "Rules component loaded.");
     let rules = RulesHandle::new(loaded);
 
-    let pg = db::connect(&config.postgres_url).await.context("connecting to PostgreSQL")?;
-    db::ensure_schema(&pg).await.context("checking the PostgreSQL schema")?;
+    let pg = db::connect(&config.postgres_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    db::ensure_schema(&pg)
+        .await
+        .context("checking the PostgreSQL schema")?;
     // Campaigns wait for this: they are never joined against an empty cache.
-    let cache = SubscriberCache::load(&pg).await.context("loading subscribers")?;
+    let cache = SubscriberCache::load(&pg)
+        .await
+        .context("loading subscribers")?;
     let snapshot = cache.snapshot();
     tracing::info!(
         subscriptions = snapshot.subscriptions(),
@@ -61,7 +73,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         "Subscribers loaded."
     );
 
-    let kafka = KafkaSink::new(&config.kafka.producer_config()).context("creating the Kafka producer")?;
+    let kafka =
+        KafkaSink::new(&config.kafka.producer_config()).context("creating the Kafka producer")?;
     let consumer = source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
         .context("creating the Kafka consumer")?;
 
@@ -121,7 +134,10 @@ impl Running {
         if drained.is_err() {
             tracing::warn!(deadline = ?self.shutdown_timeout, "Shutdown deadline passed; abandoning the batch in hand.");
             let _ = self.hard_stop.send(true);
-            if tokio::time::timeout(Duration::from_secs(10), &mut self.pipeline).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), &mut self.pipeline)
+                .await
+                .is_err()
+            {
                 self.pipeline.abort();
             }
         }
@@ -145,5 +161,8 @@ impl Running {
 
 /// Starts a runner and runs it until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Stats> {
-    start(config, RunOptions::default()).await?.run_until(shutdown).await
+    start(config, RunOptions::default())
+        .await?
+        .run_until(shutdown)
+        .await
 }

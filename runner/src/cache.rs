@@ -29,7 +29,10 @@ impl Snapshot {
         let mut n = 0;
         for (restaurant, client) in rows {
             n += 1;
-            by_restaurant.entry(restaurant.into_boxed_str()).or_default().push(client);
+            by_restaurant
+                .entry(restaurant.into_boxed_str())
+                .or_default()
+                .push(client);
         }
         let mut subscriptions = 0;
         for clients in by_restaurant.values_mut() {
@@ -38,12 +41,20 @@ impl Snapshot {
             clients.shrink_to_fit();
             subscriptions += clients.len();
         }
-        Snapshot { version, by_restaurant, rows: n, subscriptions }
+        Snapshot {
+            version,
+            by_restaurant,
+            rows: n,
+            subscriptions,
+        }
     }
 
     /// The distinct subscribers of a restaurant, sorted.
     pub fn clients(&self, restaurant_id: &str) -> &[String] {
-        self.by_restaurant.get(restaurant_id).map(Vec::as_slice).unwrap_or(&[])
+        self.by_restaurant
+            .get(restaurant_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     pub fn version(&self) -> u64 {
@@ -153,7 +164,10 @@ impl SubscriberCache {
 
 async fn load_snapshot(client: &Client, version: u64) -> Result<Snapshot, DbError> {
     let started = Instant::now();
-    let rows = client.query(SUBSCRIPTIONS_SQL, &[]).await.map_err(DbError::from_pg)?;
+    let rows = client
+        .query(SUBSCRIPTIONS_SQL, &[])
+        .await
+        .map_err(DbError::from_pg)?;
     let snapshot = Snapshot::from_rows(version, rows.into_iter().map(|r| (r.get(0), r.get(1))));
     tracing::debug!(
         version,

@@ -108,7 +108,10 @@ impl RawConfig {
         let mut fig = Figment::from(Toml::string(DEFAULTS));
         if let Some(file) = sources.file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             fig = fig.merge(Toml::file_exact(file));
         }
@@ -169,7 +172,14 @@ impl std::fmt::Debug for KafkaConfig {
             m.iter()
                 .map(|(k, v)| {
                     let secret = k.contains("password") || k.contains("secret");
-                    (k.clone(), if secret { "<redacted>".into() } else { v.clone() })
+                    (
+                        k.clone(),
+                        if secret {
+                            "<redacted>".into()
+                        } else {
+                            v.clone()
+                        },
+                    )
                 })
                 .collect()
         };
@@ -218,7 +228,9 @@ impl RawConfig {
             ));
         }
         if let Err(e) = self.postgres.url.parse::<tokio_postgres::Config>() {
-            problems.push(format!("postgres.url is not a valid connection string: {e}"));
+            problems.push(format!(
+                "postgres.url is not a valid connection string: {e}"
+            ));
         }
         let mut common = k.properties.clone();
         common.insert("bootstrap.servers".into(), k.brokers.clone());
@@ -234,14 +246,22 @@ impl RawConfig {
         }
         if let Some(ca) = &k.ssl_ca_location {
             if !ca.exists() {
-                problems.push(format!("kafka.ssl_ca_location {} does not exist", ca.display()));
+                problems.push(format!(
+                    "kafka.ssl_ca_location {} does not exist",
+                    ca.display()
+                ));
             }
             common.insert("ssl.ca.location".into(), ca.display().to_string());
         }
-        if k.sasl_mechanism.as_deref().is_some_and(|m| m.starts_with("SCRAM"))
+        if k.sasl_mechanism
+            .as_deref()
+            .is_some_and(|m| m.starts_with("SCRAM"))
             && (k.sasl_username.is_none() || k.sasl_password.is_none())
         {
-            problems.push("kafka.sasl_mechanism SCRAM-* needs kafka.sasl_username and kafka.sasl_password".into());
+            problems.push(
+                "kafka.sasl_mechanism SCRAM-* needs kafka.sasl_username and kafka.sasl_password"
+                    .into(),
+            );
         }
         for key in OWNED_CONSUMER_PROPS {
             if k.consumer_properties.contains_key(*key) || k.properties.contains_key(*key) {
@@ -265,7 +285,10 @@ impl RawConfig {
             problems.push("rules.call_timeout must be positive".into());
         }
         if !(1..=4096).contains(&r.memory_limit_mib) {
-            problems.push(format!("rules.memory_limit_mib must be between 1 and 4096 (got {})", r.memory_limit_mib));
+            problems.push(format!(
+                "rules.memory_limit_mib must be between 1 and 4096 (got {})",
+                r.memory_limit_mib
+            ));
         }
         if self.subscribers.refresh_interval.is_zero() {
             problems.push("subscribers.refresh_interval must be positive".into());
@@ -343,7 +366,11 @@ mod tests {
     use super::*;
 
     fn load(overlay: &str) -> Result<Config, ConfigError> {
-        Config::load(&Sources { file: None, overlay: Some(overlay), env: false })
+        Config::load(&Sources {
+            file: None,
+            overlay: Some(overlay),
+            env: false,
+        })
     }
 
     #[test]
@@ -380,10 +407,18 @@ mod tests {
         assert_eq!(cc.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(cc.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
         assert_eq!(cc.get("sasl.password"), Some("p"));
-        assert_eq!(cc.get("ssl.endpoint.identification.algorithm"), Some("https"));
+        assert_eq!(
+            cc.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
-        assert!(!format!("{c:?}").contains("\"p\""), "the password must not be printed");
-        let e = load("[kafka]\nsasl_mechanism = \"SCRAM-SHA-512\"\n").unwrap_err().to_string();
+        assert!(
+            !format!("{c:?}").contains("\"p\""),
+            "the password must not be printed"
+        );
+        let e = load("[kafka]\nsasl_mechanism = \"SCRAM-SHA-512\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sasl_username"), "{e}");
     }
 

@@ -43,7 +43,9 @@ impl DbError {
 
 /// Connects and drives the connection on a background task.
 pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(DbError::Unavailable)?;
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(DbError::Unavailable)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended.");
@@ -52,9 +54,18 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
     Ok(client)
 }
 
-/// The columns the runner reads or writes, with the types it needs.
-const NEEDED: &[(&str, &[(&str, &[&str])])] = &[
-    ("subscribers_restaurants", &[("client_id", &["character varying", "text"]), ("restaurant_id", &["character varying", "text"])]),
+/// A column the runner needs and the `information_schema` types it accepts for it.
+type Column = (&'static str, &'static [&'static str]);
+
+/// The columns the runner reads or writes, per table.
+const NEEDED: &[(&str, &[Column])] = &[
+    (
+        "subscribers_restaurants",
+        &[
+            ("client_id", &["character varying", "text"]),
+            ("restaurant_id", &["character varying", "text"]),
+        ],
+    ),
     (
         "subscribers_feedback",
         &[
@@ -74,14 +85,23 @@ const NEEDED: &[(&str, &[(&str, &[&str])])] = &[
 
 /// Creates the tables when absent, never alters them, and checks that what exists fits.
 pub async fn ensure_schema(client: &Client) -> Result<(), DbError> {
-    client.batch_execute(SCHEMA_SQL).await.map_err(DbError::from_pg)?;
+    client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(DbError::from_pg)?;
     for (table, columns) in NEEDED {
-        let rows = client.query(COLUMNS_SQL, &[table]).await.map_err(DbError::from_pg)?;
+        let rows = client
+            .query(COLUMNS_SQL, &[table])
+            .await
+            .map_err(DbError::from_pg)?;
         let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         for (col, types) in *columns {
             match have.iter().find(|(n, _)| n == col) {
                 None => {
-                    return Err(DbError::Schema { table, detail: format!("column {col} is missing") });
+                    return Err(DbError::Schema {
+                        table,
+                        detail: format!("column {col} is missing"),
+                    });
                 }
                 Some((_, ty)) if !types.contains(&ty.as_str()) => {
                     return Err(DbError::Schema {

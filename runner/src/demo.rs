@@ -18,16 +18,46 @@ use std::time::{Duration, Instant};
 
 /// SPEC.md's ten example subscriptions (rows 8 and 9 are the same subscription twice).
 pub const SPEC_SUBSCRIBERS: [(&str, &str); 10] = [
-    ("223e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("323e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("423e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("523e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("623e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("723e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("823e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
-    ("923e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174001"),
-    ("923e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174001"),
-    ("023e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000"),
+    (
+        "223e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "323e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "423e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "523e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "623e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "723e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "823e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
+    (
+        "923e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174001",
+    ),
+    (
+        "923e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174001",
+    ),
+    (
+        "023e4567-e89b-12d3-a456-426614174000",
+        "123e4567-e89b-12d3-a456-426614174000",
+    ),
 ];
 
 /// SPEC.md's example campaign value (it ends in 2054).
@@ -37,7 +67,8 @@ pub const SPEC_CAMPAIGN: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-42
 pub const EXPIRED_CAMPAIGN: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000","adv_campaign_id": "123e4567-e89b-12d3-a456-426614174004","adv_campaign_content": "last summer's offer","adv_campaign_owner": "Ivanov Ivan Ivanovich","adv_campaign_owner_contact": "iiivanov@restaurant.ru","adv_campaign_datetime_start": 1659203516,"adv_campaign_datetime_end": 1659207116,"datetime_created": 1659131516}"#;
 
 /// A value cut short: not JSON.
-pub const MALFORMED_MESSAGE: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000", "adv_campaign_id": "#;
+pub const MALFORMED_MESSAGE: &str =
+    r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000", "adv_campaign_id": "#;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -49,9 +80,17 @@ pub struct DemoOptions {
 
 /// Drops and creates `database` through `admin_url`; returns the new database's URL.
 pub async fn fresh_database(admin_url: &str, database: &str) -> Result<String> {
-    let admin = db::connect(admin_url).await.context("connecting to PostgreSQL as admin")?;
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).await?;
-    admin.batch_execute(&format!("CREATE DATABASE \"{database}\"")).await?;
+    let admin = db::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL as admin")?;
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+        .await?;
     let mut cfg: tokio_postgres::Config = admin_url.parse()?;
     cfg.dbname(database);
     Ok(config_to_url(&cfg))
@@ -80,19 +119,32 @@ fn config_to_url(cfg: &tokio_postgres::Config) -> String {
 
 /// Produces `(key, value)` pairs and waits for each acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, messages: &[(Option<&str>, &[u8])]) -> Result<()> {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     for (key, value) in messages {
         let mut rec = FutureRecord::<str, [u8]>::to(topic).payload(value);
         if let Some(k) = key {
             rec = rec.key(k);
         }
-        producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).context("producing")?;
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .context("producing")?;
     }
     Ok(())
 }
 
-/// Reads a topic from the beginning until `expected` messages arrived or `timeout` passed.
-pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Result<Vec<OwnedMessage>> {
+/// Reads a topic from the beginning up to its current end (the high watermark of every
+/// partition when the call starts): an exact snapshot of what the topic holds, with no waiting
+/// for messages that may never come. `expected` is only a capacity hint.
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<OwnedMessage>> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
@@ -104,18 +156,35 @@ pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Du
         t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()
     };
     let mut tpl = TopicPartitionList::new();
+    let mut remaining = std::collections::HashMap::new();
     for p in partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            remaining.insert(p, high);
+        }
+    }
+    let mut out = Vec::with_capacity(expected);
+    if remaining.is_empty() {
+        return Ok(out);
     }
     consumer.assign(&tpl)?;
-    let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
-    while out.len() < expected {
+    while !remaining.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Ok(m)) => {
+                let (p, o) = (m.partition(), m.offset());
+                if remaining.get(&p).is_some_and(|high| o + 1 >= *high) {
+                    remaining.remove(&p);
+                }
+                out.push(m.detach());
+            }
             Ok(Err(e)) => bail!("reading {topic}: {e}"),
-            Err(_) => break,
+            Err(_) => bail!(
+                "reading {topic}: the end was not reached within {timeout:?} ({} messages read)",
+                out.len()
+            ),
         }
     }
     Ok(out)
@@ -137,7 +206,13 @@ fn header_text(m: &OwnedMessage) -> String {
     m.headers()
         .map(|hs| {
             hs.iter()
-                .map(|h| format!("{}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default())))
+                .map(|h| {
+                    format!(
+                        "{}={}",
+                        h.key,
+                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" ")
         })
@@ -163,7 +238,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         )
         .await?;
     }
-    println!("== PostgreSQL: database {} with SPEC.md's schema and its 10 subscriber rows", opts.database);
+    println!(
+        "== PostgreSQL: database {} with SPEC.md's schema and its 10 subscriber rows",
+        opts.database
+    );
 
     let overlay = format!(
         "[kafka]\nbrokers = \"{brokers}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\n\
@@ -171,7 +249,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
          [rules]\npath = \"{}\"\n",
         opts.rules.display()
     );
-    let config = Config::load(&Sources { file: None, overlay: Some(&overlay), env: false })?;
+    let config = Config::load(&Sources {
+        file: None,
+        overlay: Some(&overlay),
+        env: false,
+    })?;
     let running = app::start(config, RunOptions::default()).await?;
     let rules = running.rules.current().identity().to_string();
     println!("== Runner started with rules {rules}");
@@ -184,7 +266,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     produce(&brokers, input, &messages).await?;
     println!("== Produced 3 messages: SPEC.md's example campaign, an expired campaign, a malformed value");
 
-    let settled = wait_for(Duration::from_secs(60), || running.stats().offsets_stored >= 3).await;
+    let settled = wait_for(Duration::from_secs(60), || {
+        running.stats().offsets_stored >= 3
+    })
+    .await;
     let stats = running.stop().await?;
     if !settled {
         bail!("the runner did not settle the 3 messages in time: {stats:?}");
@@ -221,7 +306,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             r.get::<_, i64>(6),
             r.get::<_, i64>(7),
             r.get::<_, i32>(8),
-            r.get::<_, Option<String>>(9).unwrap_or_else(|| "NULL".into()),
+            r.get::<_, Option<String>>(9)
+                .unwrap_or_else(|| "NULL".into()),
         );
     }
     let dead = read_topic(&brokers, dlq, 1, Duration::from_secs(20)).await?;
@@ -254,4 +340,3 @@ fn check(stats: &Stats, drafts: usize, rows: usize, dead: usize) -> Result<()> {
     }
     Ok(())
 }
-

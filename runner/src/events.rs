@@ -77,7 +77,9 @@ pub struct Stats {
 impl Stats {
     /// Every input message accounted for: delivered, skipped or dead-lettered.
     pub fn settled(&self) -> u64 {
-        self.campaigns_delivered + self.skipped.values().sum::<u64>() + self.dead_lettered.values().sum::<u64>()
+        self.campaigns_delivered
+            + self.skipped.values().sum::<u64>()
+            + self.dead_lettered.values().sum::<u64>()
     }
 
     pub fn skipped(&self, reason: SkipReason) -> u64 {
@@ -110,27 +112,50 @@ impl Events {
 
     pub fn skipped(&self, reason: SkipReason, pos: &SourcePos, campaign_id: &str) {
         tracing::info!(reason = reason.as_str(), source = %pos, campaign_id, "Campaign skipped: it produces no drafts.");
-        *self.skipped.lock().expect("stats lock").entry(reason.as_str()).or_default() += 1;
+        *self
+            .skipped
+            .lock()
+            .expect("stats lock")
+            .entry(reason.as_str())
+            .or_default() += 1;
     }
 
     pub fn dead_lettered(&self, code: &str, detail: &str, pos: &SourcePos, rules: &str) {
         tracing::warn!(reason = code, detail, source = %pos, rules, "Message dead-lettered.");
-        *self.dead_lettered.lock().expect("stats lock").entry(code.to_string()).or_default() += 1;
+        *self
+            .dead_lettered
+            .lock()
+            .expect("stats lock")
+            .entry(code.to_string())
+            .or_default() += 1;
     }
 
     pub fn delivered(&self, pos: &SourcePos, campaign_id: &str, drafts: usize, rules: &str) {
         tracing::debug!(source = %pos, campaign_id, drafts, rules, "Campaign delivered to both sinks.");
         self.campaigns_delivered.fetch_add(1, Ordering::Relaxed);
-        self.drafts_delivered.fetch_add(drafts as u64, Ordering::Relaxed);
+        self.drafts_delivered
+            .fetch_add(drafts as u64, Ordering::Relaxed);
     }
 
     pub fn batch_committed(&self, messages: usize, drafts: usize, elapsed: std::time::Duration) {
-        tracing::debug!(messages, drafts, elapsed_ms = elapsed.as_millis() as u64, "Batch durable in both sinks; offsets stored.");
+        tracing::debug!(
+            messages,
+            drafts,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "Batch durable in both sinks; offsets stored."
+        );
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.offsets_stored.fetch_add(messages as u64, Ordering::Relaxed);
+        self.offsets_stored
+            .fetch_add(messages as u64, Ordering::Relaxed);
     }
 
-    pub fn sink_retry(&self, sink: &'static str, error: &dyn fmt::Display, attempt: u32, backoff: std::time::Duration) {
+    pub fn sink_retry(
+        &self,
+        sink: &'static str,
+        error: &dyn fmt::Display,
+        attempt: u32,
+        backoff: std::time::Duration,
+    ) {
         tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
         self.sink_retries.fetch_add(1, Ordering::Relaxed);
     }

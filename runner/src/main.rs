@@ -52,7 +52,11 @@ enum Command {
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
         rules: PathBuf,
         /// Connection string of a PostgreSQL database where the demo may create its own.
-        #[arg(long, env = "DEMO_ADMIN_URL", default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres")]
+        #[arg(
+            long,
+            env = "DEMO_ADMIN_URL",
+            default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+        )]
         admin_url: String,
         /// Name of the demo database (dropped and created anew).
         #[arg(long, default_value = "campaign_demo")]
@@ -92,8 +96,12 @@ enum RulesCommand {
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| filter.to_string());
-    let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter)).with_writer(std::io::stderr);
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .unwrap_or_else(|| filter.to_string());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -110,7 +118,11 @@ async fn shutdown_signal() {
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
-    let sources = Sources { file: path.map(|p| p.as_path()), overlay: None, env: true };
+    let sources = Sources {
+        file: path.map(|p| p.as_path()),
+        overlay: None,
+        env: true,
+    };
     Ok(Config::load(&sources)?)
 }
 
@@ -119,25 +131,46 @@ async fn real_main(cli: Cli) -> Result<()> {
         Command::Run { config } => {
             let config = load_config(config.as_ref())?;
             let stats = runner::app::run(config, shutdown_signal()).await?;
-            tracing::info!(received = stats.received, drafts = stats.drafts_delivered, "Exiting.");
+            tracing::info!(
+                received = stats.received,
+                drafts = stats.drafts_delivered,
+                "Exiting."
+            );
             Ok(())
         }
-        Command::Demo { rules, admin_url, database } => {
-            runner::demo::run(runner::demo::DemoOptions { rules, admin_url, database }).await
+        Command::Demo {
+            rules,
+            admin_url,
+            database,
+        } => {
+            runner::demo::run(runner::demo::DemoOptions {
+                rules,
+                admin_url,
+                database,
+            })
+            .await
         }
-        Command::Config { command: ConfigCommand::Defaults } => {
+        Command::Config {
+            command: ConfigCommand::Defaults,
+        } => {
             print!("{DEFAULTS}");
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check { config } } => {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
             let config = load_config(config.as_ref())?;
             println!("{config:#?}");
             Ok(())
         }
-        Command::Rules { command: RulesCommand::Check { file } } => {
+        Command::Rules {
+            command: RulesCommand::Check { file },
+        } => {
             let raw = load_config(None)?;
             let engine = runner::rules::RulesEngine::new((&raw.rules).into())?;
-            let loaded = engine.load_file(&file).with_context(|| format!("{} would be refused", file.display()))?;
+            let loaded = engine
+                .load_file(&file)
+                .with_context(|| format!("{} would be refused", file.display()))?;
             println!("{} is accepted: {}", file.display(), loaded.identity());
             Ok(())
         }

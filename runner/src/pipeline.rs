@@ -46,16 +46,29 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
     }
 }
 
 /// What one input message came to.
 #[derive(Debug)]
 enum Outcome {
-    Deliver { drafts: Drafts, trigger: i32 },
-    Skip { reason: SkipReason, campaign_id: String },
-    DeadLetter { code: String, detail: String, field: Option<String> },
+    Deliver {
+        drafts: Drafts,
+        trigger: i32,
+    },
+    Skip {
+        reason: SkipReason,
+        campaign_id: String,
+    },
+    DeadLetter {
+        code: String,
+        detail: String,
+        field: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -81,14 +94,20 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Pipeline")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
 impl Pipeline {
     /// Runs until `shutdown` turns true, then drains: the batch in hand is finished (unless
     /// `hard_stop` fires first), the producer flushed and stored offsets committed.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, hard_stop: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        hard_stop: watch::Receiver<bool>,
+    ) {
         loop {
             let batch = tokio::select! {
                 biased;
@@ -136,10 +155,17 @@ impl Pipeline {
         batch
     }
 
-    async fn process(&mut self, batch: Vec<OwnedMessage>, stop: watch::Receiver<bool>) -> Result<(), Abandoned> {
+    async fn process(
+        &mut self,
+        batch: Vec<OwnedMessage>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Abandoned> {
         self.events.received(batch.len());
         let mut rest: VecDeque<OwnedMessage> = batch.into();
-        let mut evaluator = self.evaluator.take().expect("evaluator is present between batches");
+        let mut evaluator = self
+            .evaluator
+            .take()
+            .expect("evaluator is present between batches");
         // A swap of the rules takes effect here, between batches: one batch, one rules version.
         evaluator.refresh();
         while !rest.is_empty() {
@@ -171,7 +197,8 @@ impl Pipeline {
                 })
                 .sum();
             self.report(&group, &identity);
-            self.events.batch_committed(group.len(), drafts, started.elapsed());
+            self.events
+                .batch_committed(group.len(), drafts, started.elapsed());
         }
         self.evaluator = Some(evaluator);
         Ok(())
@@ -223,7 +250,11 @@ impl Pipeline {
                         });
                     }
                 }
-                Outcome::DeadLetter { code, detail, field } => {
+                Outcome::DeadLetter {
+                    code,
+                    detail,
+                    field,
+                } => {
                     // The original headers first, then the reason and where the message came from.
                     let mut pairs: Vec<(&str, &[u8])> = Vec::new();
                     if let Some(hs) = e.msg.headers() {
@@ -266,7 +297,9 @@ impl Pipeline {
     fn store_offsets(&self, group: &[Evaluated]) {
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for e in group {
-            let o = next.entry((e.pos.topic.as_str(), e.pos.partition)).or_insert(0);
+            let o = next
+                .entry((e.pos.topic.as_str(), e.pos.partition))
+                .or_insert(0);
             *o = (*o).max(e.pos.offset + 1);
         }
         let mut tpl = TopicPartitionList::new();
@@ -285,11 +318,19 @@ impl Pipeline {
         let rules = rules.to_string();
         for e in group {
             match &e.outcome {
-                Outcome::Deliver { drafts, .. } => {
-                    self.events.delivered(&e.pos, &drafts.campaign.adv_campaign_id, drafts.drafts.len(), &rules)
+                Outcome::Deliver { drafts, .. } => self.events.delivered(
+                    &e.pos,
+                    &drafts.campaign.adv_campaign_id,
+                    drafts.drafts.len(),
+                    &rules,
+                ),
+                Outcome::Skip {
+                    reason,
+                    campaign_id,
+                } => self.events.skipped(*reason, &e.pos, campaign_id),
+                Outcome::DeadLetter { code, detail, .. } => {
+                    self.events.dead_lettered(code, detail, &e.pos, &rules)
                 }
-                Outcome::Skip { reason, campaign_id } => self.events.skipped(*reason, &e.pos, campaign_id),
-                Outcome::DeadLetter { code, detail, .. } => self.events.dead_lettered(code, detail, &e.pos, &rules),
             }
         }
     }
@@ -309,7 +350,11 @@ fn evaluate_group(
     let mut drafts = 0;
     while drafts < cfg.batch_max_drafts {
         let Some(msg) = rest.pop_front() else { break };
-        let pos = SourcePos { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
+        let pos = SourcePos {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
         let outcome = evaluate_one(ev, &msg, &snapshot, clock, cfg);
         if let Outcome::Deliver { drafts: d, .. } = &outcome {
             drafts += d.drafts.len();
@@ -320,7 +365,11 @@ fn evaluate_group(
 }
 
 fn dead_letter(code: &str, detail: String, field: Option<String>) -> Outcome {
-    Outcome::DeadLetter { code: code.to_string(), detail, field }
+    Outcome::DeadLetter {
+        code: code.to_string(),
+        detail,
+        field,
+    }
 }
 
 fn evaluate_one(
@@ -336,7 +385,11 @@ fn evaluate_one(
     if payload.len() > cfg.max_message_bytes {
         return dead_letter(
             "oversized",
-            format!("the value is {} bytes; the limit is {}", payload.len(), cfg.max_message_bytes),
+            format!(
+                "the value is {} bytes; the limit is {}",
+                payload.len(),
+                cfg.max_message_bytes
+            ),
             None,
         );
     }
@@ -348,13 +401,26 @@ fn evaluate_one(
     };
     let campaign_id = verdict.campaign.adv_campaign_id.clone();
     match verdict.activity {
-        Activity::NotStarted => return Outcome::Skip { reason: SkipReason::NotStarted, campaign_id },
-        Activity::Expired => return Outcome::Skip { reason: SkipReason::Expired, campaign_id },
+        Activity::NotStarted => {
+            return Outcome::Skip {
+                reason: SkipReason::NotStarted,
+                campaign_id,
+            }
+        }
+        Activity::Expired => {
+            return Outcome::Skip {
+                reason: SkipReason::Expired,
+                campaign_id,
+            }
+        }
         Activity::Active => {}
     }
     let clients = snapshot.clients(&verdict.campaign.restaurant_id);
     if clients.is_empty() {
-        return Outcome::Skip { reason: SkipReason::NoSubscribers, campaign_id };
+        return Outcome::Skip {
+            reason: SkipReason::NoSubscribers,
+            campaign_id,
+        };
     }
     let drafts = match ev.shape(&verdict.campaign, clients, now) {
         Ok(d) => d,

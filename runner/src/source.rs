@@ -2,9 +2,11 @@
 //! automatically: the pipeline stores them once both sinks took a batch, and they are committed
 //! periodically, on partition revocation and on shutdown.
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::{ClientContext, ClientConfig, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 
 /// Logs rebalances and commits stored offsets before partitions are taken away.
 #[derive(Debug, Default)]
@@ -13,7 +15,11 @@ pub struct SourceContext;
 impl ClientContext for SourceContext {}
 
 fn describe(tpl: &TopicPartitionList) -> String {
-    tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>().join(",")
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl ConsumerContext for SourceContext {
@@ -23,7 +29,9 @@ impl ConsumerContext for SourceContext {
                 tracing::info!(partitions = %describe(tpl), "Partitions revoked; committing stored offsets.");
                 commit_stored(consumer);
             }
-            Rebalance::Assign(tpl) => tracing::info!(partitions = %describe(tpl), "Partitions assigned."),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %describe(tpl), "Partitions assigned.")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
         }
     }
@@ -32,7 +40,9 @@ impl ConsumerContext for SourceContext {
         match result {
             Ok(()) => tracing::trace!(offsets = ?offsets, "Offsets committed."),
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "Offset commit failed; it is retried with the next commit."),
+            Err(e) => {
+                tracing::warn!(error = %e, "Offset commit failed; it is retried with the next commit.")
+            }
         }
     }
 }

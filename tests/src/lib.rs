@@ -15,21 +15,31 @@ pub use runner::demo::{produce, read_topic, wait_for, SPEC_CAMPAIGN, SPEC_SUBSCR
 
 /// A PostgreSQL database where tests may create their own databases.
 pub fn pg_admin_url() -> String {
-    std::env::var("TEST_PG_ADMIN_URL").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+    std::env::var("TEST_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
 }
 
 /// The built campaign rules component.
 pub fn rules_wasm() -> PathBuf {
     let p = std::env::var_os("CAMPAIGN_RULES_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/wasm/campaign-rules.wasm"));
-    assert!(p.exists(), "{} is missing: run `make transforms` first", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/wasm/campaign-rules.wasm")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run `make transforms` first",
+        p.display()
+    );
     p
 }
 
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// A fresh database of its own for one test, with the runner's schema.
@@ -63,7 +73,12 @@ impl TestDb {
         Ok(())
     }
 
-    pub async fn subscribe_with(&self, c: &tokio_postgres::Client, client: &str, restaurant: &str) -> Result<()> {
+    pub async fn subscribe_with(
+        &self,
+        c: &tokio_postgres::Client,
+        client: &str,
+        restaurant: &str,
+    ) -> Result<()> {
         c.execute(
             "INSERT INTO public.subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
             &[&client, &restaurant],
@@ -88,7 +103,9 @@ pub struct MockKafka {
 
 impl std::fmt::Debug for MockKafka {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockKafka").field("brokers", &self.brokers).finish()
+        f.debug_struct("MockKafka")
+            .field("brokers", &self.brokers)
+            .finish()
     }
 }
 
@@ -100,7 +117,13 @@ impl MockKafka {
         cluster.create_topic(&input, input_partitions, 1)?;
         cluster.create_topic(&output, 2, 1)?;
         cluster.create_topic(&dlq, 1, 1)?;
-        Ok(MockKafka { cluster, brokers, input, output, dlq })
+        Ok(MockKafka {
+            cluster,
+            brokers,
+            input,
+            output,
+            dlq,
+        })
     }
 
     pub async fn produce(&self, messages: &[(Option<&str>, &[u8])]) -> Result<()> {
@@ -108,7 +131,13 @@ impl MockKafka {
     }
 
     pub async fn drafts(&self, expected: usize) -> Result<Vec<OwnedMessage>> {
-        read_topic(&self.brokers, &self.output, expected, Duration::from_secs(10)).await
+        read_topic(
+            &self.brokers,
+            &self.output,
+            expected,
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     pub async fn dead_letters(&self, expected: usize) -> Result<Vec<OwnedMessage>> {
@@ -131,7 +160,12 @@ pub fn config(kafka: &MockKafka, db: &TestDb, extra: &str) -> Config {
     );
     // `extra` is merged last, so a test can override any section.
     let overlay = merge_toml(&overlay, extra);
-    Config::load(&Sources { file: None, overlay: Some(&overlay), env: false }).expect("test config is valid")
+    Config::load(&Sources {
+        file: None,
+        overlay: Some(&overlay),
+        env: false,
+    })
+    .expect("test config is valid")
 }
 
 fn merge_toml(base: &str, extra: &str) -> String {
@@ -149,7 +183,20 @@ fn merge_toml(base: &str, extra: &str) -> String {
 }
 
 pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
+    init_logging();
     app::start(config, options).await
+}
+
+/// Test logs, filtered by RUST_LOG (default: warnings), captured per test.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A clock stuck at one instant.
@@ -164,7 +211,10 @@ impl runner::pipeline::Clock for FixedClock {
 
 pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     let hs = m.headers()?;
-    hs.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+    hs.iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 pub fn json(m: &OwnedMessage) -> serde_json::Value {

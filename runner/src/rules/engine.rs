@@ -22,11 +22,17 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read rules file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not a loadable component: {0:#}")]
     Compile(anyhow::Error),
     #[error("component does not fit the {world} world this runner hosts: {detail:#}")]
-    WrongWorld { world: &'static str, detail: anyhow::Error },
+    WrongWorld {
+        world: &'static str,
+        detail: anyhow::Error,
+    },
     #[error("smoke check failed: {0}")]
     Smoke(String),
 }
@@ -83,7 +89,12 @@ pub struct StoreData {
 }
 
 impl ResourceLimiter for StoreData {
-    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let ok = self.limits.memory_growing(current, desired, maximum)?;
         if !ok {
             self.memory_refused = true;
@@ -91,7 +102,12 @@ impl ResourceLimiter for StoreData {
         Ok(ok)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         self.limits.table_growing(current, desired, maximum)
     }
 
@@ -118,9 +134,13 @@ impl HostLog for StoreData {
                 tracing::error!(rules, message = %message, "Rules component logged an error.");
                 self.last_error = Some(message);
             }
-            LogLevel::Warn => tracing::warn!(rules, message = %message, "Rules component logged a warning."),
+            LogLevel::Warn => {
+                tracing::warn!(rules, message = %message, "Rules component logged a warning.")
+            }
             LogLevel::Info => tracing::info!(rules, message = %message, "Rules component logged."),
-            LogLevel::Debug => tracing::debug!(rules, message = %message, "Rules component logged."),
+            LogLevel::Debug => {
+                tracing::debug!(rules, message = %message, "Rules component logged.")
+            }
         }
     }
 }
@@ -164,7 +184,9 @@ impl Drop for EngineInner {
 
 impl fmt::Debug for RulesEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RulesEngine").field("limits", &self.inner.limits).finish()
+        f.debug_struct("RulesEngine")
+            .field("limits", &self.inner.limits)
+            .finish()
     }
 }
 
@@ -179,16 +201,25 @@ impl RulesEngine {
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), stop_ticker.clone());
-        std::thread::Builder::new().name("rules-epoch".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
+        std::thread::Builder::new()
+            .name("rules-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
                 }
-            }
-        })?;
-        Ok(RulesEngine { inner: Arc::new(EngineInner { engine, linker, limits, stop_ticker }) })
+            })?;
+        Ok(RulesEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                limits,
+                stop_ticker,
+            }),
+        })
     }
 
     pub fn limits(&self) -> &SandboxLimits {
@@ -197,30 +228,47 @@ impl RulesEngine {
 
     /// Reads, compiles, links and smoke-tests a component file. Off the hot path.
     pub fn load_file(&self, path: &Path) -> Result<LoadedRules, LoadError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         self.load_bytes(&bytes)
     }
 
     pub fn load_bytes(&self, bytes: &[u8]) -> Result<LoadedRules, LoadError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(e.into()))?;
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongWorld { world: "campaign-rules", detail: e.into() })?;
-        let pre = CampaignRulesPre::new(pre)
-            .map_err(|e| LoadError::WrongWorld { world: "campaign-rules", detail: e.into() })?;
+        let component =
+            Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(e.into()))?;
+        let pre =
+            self.inner
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::WrongWorld {
+                    world: "campaign-rules",
+                    detail: e.into(),
+                })?;
+        let pre = CampaignRulesPre::new(pre).map_err(|e| LoadError::WrongWorld {
+            world: "campaign-rules",
+            detail: e.into(),
+        })?;
         let mut loaded = LoadedRules {
             pre,
-            identity: RulesIdentity { sha256, version: String::new() },
+            identity: RulesIdentity {
+                sha256,
+                version: String::new(),
+            },
             engine: self.clone(),
         };
-        let mut instance = loaded.instantiate().map_err(|e| LoadError::Smoke(e.to_string()))?;
-        let version = instance.version().map_err(|e| LoadError::Smoke(e.to_string()))?;
+        let mut instance = loaded
+            .instantiate()
+            .map_err(|e| LoadError::Smoke(e.to_string()))?;
+        let version = instance
+            .version()
+            .map_err(|e| LoadError::Smoke(e.to_string()))?;
         if version.trim().is_empty() {
-            return Err(LoadError::Smoke("the component reports an empty version".into()));
+            return Err(LoadError::Smoke(
+                "the component reports an empty version".into(),
+            ));
         }
         loaded.identity.version = version;
         smoke_check(&mut instance)?;
@@ -234,11 +282,23 @@ fn smoke_check(instance: &mut RulesInstance) -> Result<(), LoadError> {
     let now = 1_659_304_828;
     let verdict = match instance.validate(EXAMPLE.as_bytes(), now) {
         Ok(Ok(v)) => v,
-        Ok(Err(r)) => return Err(LoadError::Smoke(format!("the SPEC example was rejected: {}", r.detail))),
-        Err(e) => return Err(LoadError::Smoke(format!("validate failed on the SPEC example: {e}"))),
+        Ok(Err(r)) => {
+            return Err(LoadError::Smoke(format!(
+                "the SPEC example was rejected: {}",
+                r.detail
+            )))
+        }
+        Err(e) => {
+            return Err(LoadError::Smoke(format!(
+                "validate failed on the SPEC example: {e}"
+            )))
+        }
     };
     if verdict.activity != super::bindings::Activity::Active {
-        return Err(LoadError::Smoke(format!("the SPEC example is not active at {now}: {:?}", verdict.activity)));
+        return Err(LoadError::Smoke(format!(
+            "the SPEC example is not active at {now}: {:?}",
+            verdict.activity
+        )));
     }
     let client = "023e4567-e89b-12d3-a456-426614174000".to_string();
     let drafts = instance
@@ -253,7 +313,9 @@ fn smoke_check(instance: &mut RulesInstance) -> Result<(), LoadError> {
     let json: serde_json::Value = serde_json::from_slice(&drafts.drafts[0].payload)
         .map_err(|e| LoadError::Smoke(format!("the shaped draft is not JSON: {e}")))?;
     if json.get("client_id").and_then(|v| v.as_str()) != Some(client.as_str()) {
-        return Err(LoadError::Smoke("the shaped draft lacks the subscriber's client_id".into()));
+        return Err(LoadError::Smoke(
+            "the shaped draft lacks the subscriber's client_id".into(),
+        ));
     }
     Ok(())
 }
@@ -267,7 +329,9 @@ pub struct LoadedRules {
 
 impl fmt::Debug for LoadedRules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadedRules").field("identity", &self.identity).finish()
+        f.debug_struct("LoadedRules")
+            .field("identity", &self.identity)
+            .finish()
     }
 }
 
@@ -280,7 +344,9 @@ impl LoadedRules {
     pub fn instantiate(&self) -> Result<RulesInstance, CallError> {
         let limits = &self.engine.inner.limits;
         let data = StoreData {
-            limits: StoreLimitsBuilder::new().memory_size(limits.memory_limit_bytes).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_limit_bytes)
+                .build(),
             memory_refused: false,
             last_error: None,
             identity_version: Arc::from(self.identity.version.as_str()),
@@ -290,11 +356,19 @@ impl LoadedRules {
         // Instantiation runs guest code (start functions): it gets a deadline too.
         store.set_epoch_deadline(ticks(limits.call_timeout));
         store.epoch_deadline_trap();
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(e, &mut store, limits.call_timeout, limits.memory_limit_bytes))?;
-        Ok(RulesInstance { store, bindings, limits: limits.clone() })
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+            classify(
+                e,
+                &mut store,
+                limits.call_timeout,
+                limits.memory_limit_bytes,
+            )
+        })?;
+        Ok(RulesInstance {
+            store,
+            bindings,
+            limits: limits.clone(),
+        })
     }
 }
 
@@ -302,7 +376,12 @@ fn ticks(d: Duration) -> u64 {
     (d.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
 }
 
-fn classify(e: wasmtime::Error, store: &mut Store<StoreData>, timeout: Duration, limit: usize) -> CallError {
+fn classify(
+    e: wasmtime::Error,
+    store: &mut Store<StoreData>,
+    timeout: Duration,
+    limit: usize,
+) -> CallError {
     let data = store.data_mut();
     if data.memory_refused {
         return CallError::OutOfMemory { limit };
@@ -342,20 +421,31 @@ impl RulesInstance {
     pub fn version(&mut self) -> Result<String, CallError> {
         let timeout = self.limits.call_timeout;
         self.arm(timeout);
-        let r = self.bindings.fooddelivery_campaign_rules_rules().call_version(&mut self.store);
+        let r = self
+            .bindings
+            .fooddelivery_campaign_rules_rules()
+            .call_version(&mut self.store);
         r.map_err(|e| self.fail(e, timeout))
     }
 
-    pub fn validate(&mut self, payload: &[u8], now: i64) -> Result<Result<Verdict, Rejection>, CallError> {
+    pub fn validate(
+        &mut self,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<Result<Verdict, Rejection>, CallError> {
         let timeout = self.limits.call_timeout;
         self.arm(timeout);
-        let r = self.bindings.fooddelivery_campaign_rules_rules().call_validate(&mut self.store, payload, now);
+        let r = self
+            .bindings
+            .fooddelivery_campaign_rules_rules()
+            .call_validate(&mut self.store, payload, now);
         r.map_err(|e| self.fail(e, timeout))
     }
 
     /// The deadline of a shape call grows with its fan-out.
     pub fn shape_timeout(&self, subscribers: usize) -> Duration {
-        self.limits.call_timeout + self.limits.call_timeout_per_1000_subscribers * (subscribers.div_ceil(1000) as u32)
+        self.limits.call_timeout
+            + self.limits.call_timeout_per_1000_subscribers * (subscribers.div_ceil(1000) as u32)
     }
 
     pub fn shape(
@@ -366,7 +456,10 @@ impl RulesInstance {
     ) -> Result<Drafts, CallError> {
         let timeout = self.shape_timeout(clients.len());
         self.arm(timeout);
-        let r = self.bindings.fooddelivery_campaign_rules_rules().call_shape(&mut self.store, campaign, clients, now);
+        let r = self
+            .bindings
+            .fooddelivery_campaign_rules_rules()
+            .call_shape(&mut self.store, campaign, clients, now);
         r.map_err(|e| self.fail(e, timeout))
     }
 }

@@ -4,8 +4,12 @@
 mod bindings;
 mod engine;
 
-pub use bindings::{Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict, WIT_PACKAGE, WIT_VERSION};
-pub use engine::{CallError, LoadError, LoadedRules, RulesEngine, RulesIdentity, RulesInstance, SandboxLimits};
+pub use bindings::{
+    Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict, WIT_PACKAGE, WIT_VERSION,
+};
+pub use engine::{
+    CallError, LoadError, LoadedRules, RulesEngine, RulesIdentity, RulesInstance, SandboxLimits,
+};
 
 use arc_swap::ArcSwap;
 use std::sync::Arc;
@@ -18,7 +22,9 @@ pub struct RulesHandle {
 
 impl RulesHandle {
     pub fn new(initial: LoadedRules) -> Self {
-        RulesHandle { current: Arc::new(ArcSwap::from_pointee(initial)) }
+        RulesHandle {
+            current: Arc::new(ArcSwap::from_pointee(initial)),
+        }
     }
 
     pub fn current(&self) -> Arc<LoadedRules> {
@@ -43,7 +49,11 @@ pub struct Evaluator {
 impl Evaluator {
     pub fn new(handle: RulesHandle) -> Self {
         let rules = handle.current();
-        Evaluator { handle, rules, instance: None }
+        Evaluator {
+            handle,
+            rules,
+            instance: None,
+        }
     }
 
     /// Picks up swapped rules. Called at batch boundaries only, so one batch sees one version.
@@ -59,7 +69,10 @@ impl Evaluator {
         self.rules.identity()
     }
 
-    fn with_instance<T>(&mut self, f: impl FnOnce(&mut RulesInstance) -> Result<T, CallError>) -> Result<T, CallError> {
+    fn with_instance<T>(
+        &mut self,
+        f: impl FnOnce(&mut RulesInstance) -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
         let instance = match &mut self.instance {
             Some(i) => i,
             slot => slot.insert(self.rules.instantiate()?),
@@ -71,11 +84,20 @@ impl Evaluator {
         r
     }
 
-    pub fn validate(&mut self, payload: &[u8], now: i64) -> Result<Result<Verdict, Rejection>, CallError> {
+    pub fn validate(
+        &mut self,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<Result<Verdict, Rejection>, CallError> {
         self.with_instance(|i| i.validate(payload, now))
     }
 
-    pub fn shape(&mut self, campaign: &Campaign, clients: &[String], now: i64) -> Result<Drafts, CallError> {
+    pub fn shape(
+        &mut self,
+        campaign: &Campaign,
+        clients: &[String],
+        now: i64,
+    ) -> Result<Drafts, CallError> {
         self.with_instance(|i| i.shape(campaign, clients, now))
     }
 }

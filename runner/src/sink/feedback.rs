@@ -105,7 +105,11 @@ impl FeedbackSink {
                 &r.client_id,
                 &r.trigger_datetime_created,
             ];
-            writer.as_mut().write(&values).await.map_err(DbError::from_pg)?;
+            writer
+                .as_mut()
+                .write(&values)
+                .await
+                .map_err(DbError::from_pg)?;
         }
         writer.finish().await.map_err(DbError::from_pg)?;
         tx.commit().await.map_err(DbError::from_pg)?;

@@ -22,7 +22,12 @@ pub struct OutRecord<'a> {
 pub fn headers<'v>(pairs: impl IntoIterator<Item = (&'v str, &'v [u8])>) -> OwnedHeaders {
     pairs
         .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
 }
 
 #[derive(Clone)]
@@ -38,7 +43,9 @@ impl std::fmt::Debug for KafkaSink {
 
 impl KafkaSink {
     pub fn new(config: &ClientConfig) -> Result<KafkaSink, KafkaError> {
-        Ok(KafkaSink { producer: config.create()? })
+        Ok(KafkaSink {
+            producer: config.create()?,
+        })
     }
 
     /// Produces every record and waits for every acknowledgement. A record whose delivery
@@ -60,7 +67,8 @@ impl KafkaSink {
             for &i in &pending {
                 let r = &records[i];
                 loop {
-                    let mut rec = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
+                    let mut rec =
+                        FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
                     if let Some(k) = r.key {
                         rec = rec.key(k);
                     }
@@ -102,7 +110,12 @@ impl KafkaSink {
             }
             let wait = backoff.step();
             let e = first_error.expect("a failure has an error");
-            events.sink_retry("kafka", &format_args!("{} of {} records failed: {e}", failed.len(), pending.len()), backoff.attempt, wait);
+            events.sink_retry(
+                "kafka",
+                &format_args!("{} of {} records failed: {e}", failed.len(), pending.len()),
+                backoff.attempt,
+                wait,
+            );
             if !pause(wait, stop).await {
                 return Err(Abandoned);
             }

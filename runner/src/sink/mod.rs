@@ -22,7 +22,11 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub fn new(max: Duration) -> Self {
-        Backoff { next: Duration::from_millis(50), max, attempt: 0 }
+        Backoff {
+            next: Duration::from_millis(50),
+            max,
+            attempt: 0,
+        }
     }
 
     pub fn step(&mut self) -> Duration {

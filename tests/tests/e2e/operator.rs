@@ -10,7 +10,9 @@ use std::time::Duration;
 
 fn kcat() -> Command {
     let mut c = Command::new("kcat");
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
 }
 
@@ -19,7 +21,13 @@ async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
     let kafka = MockKafka::new(3)?;
     let db = TestDb::new().await?.with_schema().await?;
     db.seed_spec_subscribers().await?;
-    let running = start(config(&kafka, &db, ""), RunOptions { clock: Arc::new(FixedClock(1_659_304_828)) }).await?;
+    let running = start(
+        config(&kafka, &db, ""),
+        RunOptions {
+            clock: Arc::new(FixedClock(1_659_304_828)),
+        },
+    )
+    .await?;
 
     // One `key:value` line per message, as SPEC.md shows.
     let mut child = kcat()
@@ -27,17 +35,49 @@ async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
         .spawn()
         .expect("kcat is installed by scripts/setup.sh");
     let line = format!("first_message:{}\n", SPEC_CAMPAIGN);
-    child.stdin.take().unwrap().write_all(line.as_bytes())?;
+    let written = child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(line.as_bytes());
+    // Closing stdin ends kcat's input; wait for it whatever the write did.
     let out = child.wait_with_output()?;
-    assert!(out.status.success(), "kcat -P failed: {}", String::from_utf8_lossy(&out.stderr));
+    written?;
+    assert!(
+        out.status.success(),
+        "kcat -P failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    assert!(wait_for(Duration::from_secs(20), || running.stats().offsets_stored >= 1).await, "{:?}", running.stats());
+    assert!(
+        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+            >= 1)
+        .await,
+        "{:?}",
+        running.stats()
+    );
     running.stop().await?;
 
     let out = kcat()
-        .args(["-b", &kafka.brokers, "-t", &kafka.output, "-C", "-e", "-q", "-o", "beginning", "-f", "%k\t%s\n"])
+        .args([
+            "-b",
+            &kafka.brokers,
+            "-t",
+            &kafka.output,
+            "-C",
+            "-e",
+            "-q",
+            "-o",
+            "beginning",
+            "-f",
+            "%k\t%s\n",
+        ])
         .output()?;
-    assert!(out.status.success(), "kcat -C failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kcat -C failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout)?;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 8, "{text}");

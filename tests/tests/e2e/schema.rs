@@ -19,7 +19,11 @@ async fn creates_the_spec_tables_when_absent() -> anyhow::Result<()> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let feedback: Vec<_> = cols.iter().filter(|c| c.0 == "subscribers_feedback").map(|c| (c.1.as_str(), c.2.as_str())).collect();
+    let feedback: Vec<_> = cols
+        .iter()
+        .filter(|c| c.0 == "subscribers_feedback")
+        .map(|c| (c.1.as_str(), c.2.as_str()))
+        .collect();
     assert_eq!(
         feedback,
         [
@@ -37,8 +41,19 @@ async fn creates_the_spec_tables_when_absent() -> anyhow::Result<()> {
             ("feedback", "character varying"),
         ]
     );
-    let subs: Vec<_> = cols.iter().filter(|c| c.0 == "subscribers_restaurants").map(|c| (c.1.as_str(), c.2.as_str())).collect();
-    assert_eq!(subs, [("id", "integer"), ("client_id", "character varying"), ("restaurant_id", "character varying")]);
+    let subs: Vec<_> = cols
+        .iter()
+        .filter(|c| c.0 == "subscribers_restaurants")
+        .map(|c| (c.1.as_str(), c.2.as_str()))
+        .collect();
+    assert_eq!(
+        subs,
+        [
+            ("id", "integer"),
+            ("client_id", "character varying"),
+            ("restaurant_id", "character varying")
+        ]
+    );
     // Idempotent.
     runner::db::ensure_schema(&c).await?;
     Ok(())
@@ -69,8 +84,13 @@ async fn a_table_the_runner_cannot_write_is_refused_clearly() -> anyhow::Result<
         .await?
         .batch_execute("CREATE TABLE public.subscribers_feedback (id serial4 PRIMARY KEY, restaurant_id text NOT NULL)")
         .await?;
-    let err = start(config(&kafka, &db, ""), RunOptions::default()).await.expect_err("refused");
+    let err = start(config(&kafka, &db, ""), RunOptions::default())
+        .await
+        .expect_err("refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("subscribers_feedback") && msg.contains("adv_campaign_id"), "{msg}");
+    assert!(
+        msg.contains("subscribers_feedback") && msg.contains("adv_campaign_id"),
+        "{msg}"
+    );
     Ok(())
 }

@@ -31,7 +31,9 @@ mod component {
     fn install_panic_hook() {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            std::panic::set_hook(Box::new(|info| log(Level::Error, &format!("rules panicked: {info}"))));
+            std::panic::set_hook(Box::new(|info| {
+                log(Level::Error, &format!("rules panicked: {info}"))
+            }));
         });
     }
 
@@ -91,9 +93,16 @@ mod component {
                         rules::Activity::NotStarted => Activity::NotStarted,
                         rules::Activity::Expired => Activity::Expired,
                     };
-                    Ok(Verdict { campaign: c.into(), activity })
+                    Ok(Verdict {
+                        campaign: c.into(),
+                        activity,
+                    })
                 }
-                Err(r) => Err(Rejection { code: code(r.code), field: r.field, detail: r.detail }),
+                Err(r) => Err(Rejection {
+                    code: code(r.code),
+                    field: r.field,
+                    detail: r.detail,
+                }),
             }
         }
 
@@ -104,7 +113,11 @@ mod component {
                 .into_iter()
                 .map(|(client_id, payload)| Draft { client_id, payload })
                 .collect();
-            Drafts { campaign: c.into(), trigger_datetime_created: now, drafts }
+            Drafts {
+                campaign: c.into(),
+                trigger_datetime_created: now,
+                drafts,
+            }
         }
     }
 }

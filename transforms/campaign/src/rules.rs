@@ -38,7 +38,11 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(code: Code, field: Option<&str>, detail: String) -> Self {
-        Rejection { code, field: field.map(str::to_owned), detail }
+        Rejection {
+            code,
+            field: field.map(str::to_owned),
+            detail,
+        }
     }
 }
 
@@ -64,10 +68,18 @@ pub fn activity(c: &Campaign, now: i64) -> Activity {
 /// that are hyphenated UUIDs, start strictly before end. Unknown extra fields are ignored.
 pub fn validate(payload: &[u8]) -> Result<Campaign, Rejection> {
     let text = std::str::from_utf8(payload).map_err(|e| {
-        Rejection::new(Code::NotUtf8, None, format!("payload is not valid UTF-8: {e}"))
+        Rejection::new(
+            Code::NotUtf8,
+            None,
+            format!("payload is not valid UTF-8: {e}"),
+        )
     })?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
-        Rejection::new(Code::MalformedJson, None, format!("payload is not valid JSON: {e}"))
+        Rejection::new(
+            Code::MalformedJson,
+            None,
+            format!("payload is not valid JSON: {e}"),
+        )
     })?;
     let Value::Object(obj) = value else {
         return Err(Rejection::new(
@@ -182,7 +194,10 @@ where
         )
         .as_bytes(),
     );
-    let tail = format!(",\"datetime_created\":{},\"trigger_datetime_created\":{}}}", c.datetime_created, now);
+    let tail = format!(
+        ",\"datetime_created\":{},\"trigger_datetime_created\":{}}}",
+        c.datetime_created, now
+    );
 
     let clients = clients.into_iter();
     let mut out = Vec::with_capacity(clients.len());
@@ -219,7 +234,7 @@ mod tests {
             adv_campaign_datetime_end: 3,
             datetime_created: 0,
         };
-        let out = shape(&c, ["x\"y"].into_iter(), 2);
+        let out = shape(&c, ["x\"y"], 2);
         let v: Value = serde_json::from_slice(&out[0].1).unwrap();
         assert_eq!(v["adv_campaign_content"], "quote \" and \\ and \n newline");
         assert_eq!(v["client_id"], "x\"y");

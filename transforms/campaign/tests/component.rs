@@ -2,7 +2,9 @@
 //! the runner's own host bindings and sandbox. Covers every rejection code, the time boundaries
 //! and the exact output of SPEC.md's example.
 
-use runner::rules::{Activity, Campaign, LoadedRules, RejectionCode, RulesEngine, RulesInstance, SandboxLimits};
+use runner::rules::{
+    Activity, Campaign, LoadedRules, RejectionCode, RulesEngine, RulesInstance, SandboxLimits,
+};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -16,7 +18,9 @@ const END: i64 = 2_659_207_116;
 fn component_path() -> PathBuf {
     std::env::var_os("CAMPAIGN_RULES_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/wasm/campaign-rules.wasm"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/wasm/campaign-rules.wasm")
+        })
 }
 
 /// Compiled once for the whole test binary.
@@ -30,8 +34,14 @@ fn rules() -> &'static LoadedRules {
         })
         .expect("engine");
         let path = component_path();
-        assert!(path.exists(), "{} is missing: run `make transforms` first", path.display());
-        engine.load_file(&path).expect("the campaign component loads")
+        assert!(
+            path.exists(),
+            "{} is missing: run `make transforms` first",
+            path.display()
+        );
+        engine
+            .load_file(&path)
+            .expect("the campaign component loads")
     })
 }
 
@@ -63,7 +73,11 @@ fn activity_at(start: i64, end: i64, now: i64) -> Activity {
     let mut v: serde_json::Value = serde_json::from_slice(&p).unwrap();
     v["adv_campaign_datetime_end"] = end.into();
     let p = serde_json::to_vec(&v).unwrap();
-    instance().validate(&p, now).expect("no trap").expect("valid").activity
+    instance()
+        .validate(&p, now)
+        .expect("no trap")
+        .expect("valid")
+        .activity
 }
 
 const FIELDS: [&str; 8] = [
@@ -86,7 +100,10 @@ fn reports_its_version() {
 
 #[test]
 fn spec_example_validates_with_typed_fields() {
-    let v = instance().validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW).unwrap().unwrap();
+    let v = instance()
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap();
     assert_eq!(v.activity, Activity::Active);
     let c = v.campaign;
     assert_eq!(c.restaurant_id, "123e4567-e89b-12d3-a456-426614174000");
@@ -94,24 +111,48 @@ fn spec_example_validates_with_typed_fields() {
     assert_eq!(c.adv_campaign_content, "first campaign");
     assert_eq!(c.adv_campaign_owner, "Ivanov Ivan Ivanovich");
     assert_eq!(c.adv_campaign_owner_contact, "iiivanov@restaurant.ru");
-    assert_eq!((c.adv_campaign_datetime_start, c.adv_campaign_datetime_end, c.datetime_created), (START, END, 1_659_131_516));
+    assert_eq!(
+        (
+            c.adv_campaign_datetime_start,
+            c.adv_campaign_datetime_end,
+            c.datetime_created
+        ),
+        (START, END, 1_659_131_516)
+    );
 }
 
 #[test]
 fn spec_example_shapes_exactly_the_spec_output() {
     let mut i = instance();
-    let c = i.validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW).unwrap().unwrap().campaign;
-    let d = i.shape(&c, &["023e4567-e89b-12d3-a456-426614174000".to_string()], SPEC_NOW).unwrap();
+    let c = i
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap()
+        .campaign;
+    let d = i
+        .shape(
+            &c,
+            &["023e4567-e89b-12d3-a456-426614174000".to_string()],
+            SPEC_NOW,
+        )
+        .unwrap();
     assert_eq!(d.drafts.len(), 1);
-    assert_eq!(d.drafts[0].client_id, "023e4567-e89b-12d3-a456-426614174000");
-    assert_eq!(std::str::from_utf8(&d.drafts[0].payload).unwrap(), SPEC_OUTPUT);
+    assert_eq!(
+        d.drafts[0].client_id,
+        "023e4567-e89b-12d3-a456-426614174000"
+    );
+    assert_eq!(
+        std::str::from_utf8(&d.drafts[0].payload).unwrap(),
+        SPEC_OUTPUT
+    );
     assert_eq!(d.trigger_datetime_created, SPEC_NOW);
     assert_eq!(d.campaign, c);
-    let keys: Vec<String> = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&d.drafts[0].payload)
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
+    let keys: Vec<String> =
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&d.drafts[0].payload)
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
     let mut want: Vec<&str> = FIELDS.to_vec();
     want.extend(["client_id", "trigger_datetime_created"]);
     let (mut keys, mut want) = (keys, want.iter().map(|s| s.to_string()).collect::<Vec<_>>());
@@ -123,7 +164,11 @@ fn spec_example_shapes_exactly_the_spec_output() {
 #[test]
 fn shape_makes_one_draft_per_client_in_order() {
     let mut i = instance();
-    let c = i.validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW).unwrap().unwrap().campaign;
+    let c = i
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap()
+        .campaign;
     let clients: Vec<String> = (0..1000).map(|n| format!("client-{n}")).collect();
     let d = i.shape(&c, &clients, SPEC_NOW + 7).unwrap();
     assert_eq!(d.drafts.len(), 1000);
@@ -138,11 +183,17 @@ fn shape_makes_one_draft_per_client_in_order() {
 #[test]
 fn shape_escapes_text_and_keeps_unicode() {
     let mut i = instance();
-    let p = with_field("adv_campaign_content", "70% off \"борщ\" \\ until 14:00\n🍲".into());
+    let p = with_field(
+        "adv_campaign_content",
+        "70% off \"борщ\" \\ until 14:00\n🍲".into(),
+    );
     let c = i.validate(&p, SPEC_NOW).unwrap().unwrap().campaign;
     let d = i.shape(&c, &["c\"1".to_string()], SPEC_NOW).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&d.drafts[0].payload).unwrap();
-    assert_eq!(v["adv_campaign_content"], "70% off \"борщ\" \\ until 14:00\n🍲");
+    assert_eq!(
+        v["adv_campaign_content"],
+        "70% off \"борщ\" \\ until 14:00\n🍲"
+    );
     assert_eq!(v["client_id"], "c\"1");
 }
 
@@ -155,14 +206,22 @@ fn not_utf8() {
 
 #[test]
 fn malformed_json() {
-    assert_eq!(rejection(&SPEC_CAMPAIGN.as_bytes()[..40]).0, RejectionCode::MalformedJson);
+    assert_eq!(
+        rejection(&SPEC_CAMPAIGN.as_bytes()[..40]).0,
+        RejectionCode::MalformedJson
+    );
     assert_eq!(rejection(b"").0, RejectionCode::MalformedJson);
 }
 
 #[test]
 fn not_an_object() {
     for p in [&b"[1,2]"[..], b"\"text\"", b"42", b"null"] {
-        assert_eq!(rejection(p).0, RejectionCode::NotAnObject, "{}", String::from_utf8_lossy(p));
+        assert_eq!(
+            rejection(p).0,
+            RejectionCode::NotAnObject,
+            "{}",
+            String::from_utf8_lossy(p)
+        );
     }
 }
 
@@ -174,27 +233,45 @@ fn missing_field_names_the_field() {
         assert_eq!(field.as_deref(), Some(f));
         assert!(detail.contains(f), "{detail}");
         // null counts as missing
-        assert_eq!(rejection(&with_field(f, serde_json::Value::Null)).0, RejectionCode::MissingField);
+        assert_eq!(
+            rejection(&with_field(f, serde_json::Value::Null)).0,
+            RejectionCode::MissingField
+        );
     }
 }
 
 #[test]
 fn wrong_type_names_the_field() {
     for f in FIELDS {
-        let bad: serde_json::Value = if f.contains("datetime") { "1659203516".into() } else { 12345.into() };
+        let bad: serde_json::Value = if f.contains("datetime") {
+            "1659203516".into()
+        } else {
+            12345.into()
+        };
         let (code, field, _) = rejection(&with_field(f, bad));
         assert_eq!(code, RejectionCode::WrongType, "{f}");
         assert_eq!(field.as_deref(), Some(f));
     }
     // a fractional timestamp is not unix seconds
-    assert_eq!(rejection(&with_field("datetime_created", 1.5.into())).0, RejectionCode::WrongType);
-    assert_eq!(rejection(&with_field("adv_campaign_owner", serde_json::json!(["x"]))).0, RejectionCode::WrongType);
+    assert_eq!(
+        rejection(&with_field("datetime_created", 1.5.into())).0,
+        RejectionCode::WrongType
+    );
+    assert_eq!(
+        rejection(&with_field("adv_campaign_owner", serde_json::json!(["x"]))).0,
+        RejectionCode::WrongType
+    );
 }
 
 #[test]
 fn ids_must_be_hyphenated_uuids() {
     for f in ["restaurant_id", "adv_campaign_id"] {
-        for bad in ["abc", "", "123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3-a456-42661417400g"] {
+        for bad in [
+            "abc",
+            "",
+            "123e4567e89b12d3a456426614174000",
+            "123e4567-e89b-12d3-a456-42661417400g",
+        ] {
             let (code, field, _) = rejection(&with_field(f, bad.into()));
             assert_eq!(code, RejectionCode::InvalidUuid, "{f}={bad}");
             assert_eq!(field.as_deref(), Some(f));
@@ -214,12 +291,24 @@ fn start_must_be_before_end() {
 fn active_only_strictly_between_start_and_end() {
     let (s, e) = (1000, 2000);
     assert_eq!(activity_at(s, e, s - 1), Activity::NotStarted);
-    assert_eq!(activity_at(s, e, s), Activity::NotStarted, "start itself is not yet active");
+    assert_eq!(
+        activity_at(s, e, s),
+        Activity::NotStarted,
+        "start itself is not yet active"
+    );
     assert_eq!(activity_at(s, e, s + 1), Activity::Active);
     assert_eq!(activity_at(s, e, e - 1), Activity::Active);
-    assert_eq!(activity_at(s, e, e), Activity::Expired, "end itself is no longer active");
+    assert_eq!(
+        activity_at(s, e, e),
+        Activity::Expired,
+        "end itself is no longer active"
+    );
     assert_eq!(activity_at(s, e, e + 1), Activity::Expired);
-    assert_eq!(activity_at(s, s + 1, s), Activity::NotStarted, "one-second campaign, no integer inside");
+    assert_eq!(
+        activity_at(s, s + 1, s),
+        Activity::NotStarted,
+        "one-second campaign, no integer inside"
+    );
 }
 
 #[test]
@@ -233,8 +322,15 @@ fn unknown_fields_are_ignored() {
 fn one_instance_serves_many_calls() {
     let mut i = instance();
     for n in 0..2000 {
-        let v = i.validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW + n).unwrap().unwrap();
+        let v = i
+            .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW + n)
+            .unwrap()
+            .unwrap();
         assert_eq!(v.activity, Activity::Active);
     }
-    let _: &Campaign = &i.validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW).unwrap().unwrap().campaign;
+    let _: &Campaign = &i
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap()
+        .campaign;
 }

@@ -17,7 +17,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let module = std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let module =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let component = wit_component::ComponentEncoder::default()
         .module(&module)
         .context("the module has no usable component-type metadata (is it a wit-bindgen guest?)")?
@@ -27,7 +28,12 @@ fn main() -> Result<()> {
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, component).with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!("componentize: {} -> {}", args.input.display(), args.output.display());
+    std::fs::write(&args.output, component)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!(
+        "componentize: {} -> {}",
+        args.input.display(),
+        args.output.display()
+    );
     Ok(())
 }
