@@ -7,24 +7,42 @@ WASM_OUT := build/wasm
 CAMPAIGN_WASM := $(WASM_OUT)/campaign-rules.wasm
 export CAMPAIGN_RULES_WASM := $(abspath $(CAMPAIGN_WASM))
 
-.PHONY: all setup transforms demo test unit-test e2e-test lint fmt clean
+.PHONY: all setup build transforms demo test lint fmt clean
 
-all: transforms
-	cargo build -p runner
+all: build
+
+## Everything the tests and the demo run, built once with the same feature set (a plain
+## `cargo build -p runner` unifies features differently and would rebuild wasmtime and rdkafka).
+build: transforms
+	cargo test --workspace --no-run
 
 ## Install what is missing (Debian packages, rust targets, PostgreSQL up).
 setup:
 	@bash scripts/setup.sh
 
-## Build the rules component(s): a wasm32 core module per guest, wrapped into a component.
+WASM_BUILD := $(CARGO_TARGET_DIR)/$(WASM_TARGET)/wasm
+FIXTURES := $(WASM_OUT)/fixtures
+export RULES_FIXTURES := $(abspath $(FIXTURES))
+# Builds one guest (crate, cargo flags) and wraps it into a component at the given path.
+define guest
+	cargo build -q -p $(1) $(2) --target $(WASM_TARGET) --profile wasm
+	cargo run -q -p componentize -- $(WASM_BUILD)/$(subst -,_,$(1)).wasm $(3)
+endef
+
+## Build the rules component and the test fixtures: wasm32 core modules wrapped into components.
 transforms: setup
-	cargo build -p campaign-rules --target $(WASM_TARGET) --profile wasm
-	@mkdir -p $(WASM_OUT)
-	cargo run -q -p componentize -- $(CARGO_TARGET_DIR)/$(WASM_TARGET)/wasm/campaign_rules.wasm $(CAMPAIGN_WASM)
+	@mkdir -p $(WASM_OUT) $(FIXTURES)
+	$(call guest,campaign-rules,,$(CAMPAIGN_WASM))
+	$(call guest,campaign-rules,--features v2,$(FIXTURES)/campaign-rules-v2.wasm)
+	$(call guest,hostile-rules,,$(FIXTURES)/hostile.wasm)
+	$(call guest,hostile-rules,--features broken,$(FIXTURES)/hostile-broken.wasm)
+	for w in transforms/fixtures/wat/*.wat; do \
+	  cargo run -q -p componentize -- $$w $(FIXTURES)/$$(basename $$w .wat).wasm || exit 1; done
+	head -c 4096 /dev/urandom > $(FIXTURES)/garbage.wasm
 
 ## The demo on embedded defaults (mock Kafka cluster in-process, local PostgreSQL).
-demo: transforms
-	cargo run -q -p runner -- --log warn demo --rules $(CAMPAIGN_WASM)
+demo: build
+	$(CARGO_TARGET_DIR)/debug/runner --log warn demo --rules $(CAMPAIGN_WASM)
 
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms

@@ -5,7 +5,7 @@ use crate::cache::SubscriberCache;
 use crate::config::Config;
 use crate::events::{Events, Stats};
 use crate::pipeline::{Clock, Pipeline, SystemClock};
-use crate::rules::{Evaluator, RulesEngine, RulesHandle, SandboxLimits};
+use crate::rules::{Evaluator, Reloader, RulesEngine, RulesHandle, SandboxLimits};
 use crate::sink::feedback::FeedbackSink;
 use crate::sink::kafka::KafkaSink;
 use crate::{db, source};
@@ -36,10 +36,15 @@ pub struct Running {
     pub events: Arc<Events>,
     pub rules: RulesHandle,
     pub cache: SubscriberCache,
+    pub engine: RulesEngine,
+    /// Reloads the rules file on demand (what a file change or SIGHUP triggers).
+    pub reloader: Reloader,
+    /// Where the status endpoint listens, when configured.
+    pub status_addr: Option<std::net::SocketAddr>,
     shutdown: watch::Sender<bool>,
     hard_stop: watch::Sender<bool>,
     pipeline: JoinHandle<()>,
-    refresher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -55,6 +60,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     })?;
     tracing::info!(rules = %loaded.identity(), path = %config.rules.path.display(), "Rules component loaded.");
     let rules = RulesHandle::new(loaded);
+    let events = Arc::new(Events::default());
+    events.rules_loaded(rules.current().identity());
 
     let pg = db::connect(&config.postgres_url)
         .await
@@ -78,7 +85,6 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     let consumer = source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
         .context("creating the Kafka consumer")?;
 
-    let events = Arc::new(Events::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
 
@@ -89,6 +95,25 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         events.clone(),
         shutdown_rx.clone(),
     ));
+    let reloader = Reloader::new(
+        engine.clone(),
+        rules.clone(),
+        config.rules.path.clone(),
+        events.clone(),
+    );
+    let reloader_task =
+        reloader
+            .clone()
+            .spawn(config.rules.watch, config.rules.settle, shutdown_rx.clone());
+    let status = match config.status_listen {
+        Some(addr) => {
+            let (bound, task) = crate::status::serve(addr, events.clone(), shutdown_rx.clone())
+                .await
+                .with_context(|| format!("starting the status endpoint on {addr}"))?;
+            Some((bound, task))
+        }
+        None => None,
+    };
     let pipeline = Pipeline {
         cfg: config.pipeline.clone(),
         output_topic: config.kafka.output_topic.clone(),
@@ -113,10 +138,16 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         events,
         rules,
         cache,
+        engine,
+        reloader,
+        status_addr: status.as_ref().map(|(a, _)| *a),
         shutdown: shutdown_tx,
         hard_stop: hard_tx,
         pipeline,
-        refresher,
+        background: [Some(refresher), Some(reloader_task), status.map(|(_, t)| t)]
+            .into_iter()
+            .flatten()
+            .collect(),
         shutdown_timeout: config.pipeline.shutdown_timeout,
     })
 }
@@ -141,7 +172,9 @@ impl Running {
                 self.pipeline.abort();
             }
         }
-        let _ = (&mut self.refresher).await;
+        for task in self.background.drain(..) {
+            let _ = task.await;
+        }
         let stats = self.events.stats();
         tracing::info!(stats = ?stats, "Runner stopped.");
         Ok(stats)

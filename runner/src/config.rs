@@ -32,6 +32,14 @@ pub struct RawConfig {
     pub subscribers: RawSubscribers,
     pub rules: RawRules,
     pub pipeline: RawPipeline,
+    pub status: RawStatus,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatus {
+    /// Address of the HTTP status endpoint (/health, /status, /metrics); empty: none.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +85,13 @@ pub struct RawRules {
     #[serde(with = "humantime_serde")]
     pub call_timeout_per_1000_subscribers: Duration,
     pub memory_limit_mib: u64,
+    /// Watch the rules file and swap in a new version when it changes.
+    pub watch: bool,
+    /// How long the file must stay unchanged before it is loaded.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Directory for compiled components; empty: no cache.
+    pub compile_cache_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +148,8 @@ pub struct Config {
     pub subscribers_refresh: Duration,
     pub rules: RulesConfig,
     pub pipeline: PipelineConfig,
+    /// Where the HTTP status endpoint listens, if anywhere.
+    pub status_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -153,6 +170,9 @@ pub struct RulesConfig {
     pub call_timeout: Duration,
     pub call_timeout_per_1000_subscribers: Duration,
     pub memory_limit_bytes: usize,
+    pub watch: bool,
+    pub settle: Duration,
+    pub compile_cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +333,16 @@ impl RawConfig {
                 call_timeout: r.call_timeout,
                 call_timeout_per_1000_subscribers: r.call_timeout_per_1000_subscribers,
                 memory_limit_bytes: (r.memory_limit_mib as usize) << 20,
+                watch: r.watch,
+                settle: r.settle,
+                compile_cache_dir: Some(r.compile_cache_dir.clone())
+                    .filter(|p| !p.as_os_str().is_empty()),
+            },
+            status_listen: match self.status.listen.trim() {
+                "" => None,
+                s => Some(s.parse().map_err(|e| {
+                    ConfigError::Invalid(format!("status.listen {s:?} is not host:port: {e}"))
+                })?),
             },
             pipeline: PipelineConfig {
                 batch_max_messages: p.batch_max_messages,

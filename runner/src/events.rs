@@ -54,6 +54,21 @@ pub struct Events {
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
     pub(crate) cache_stale: AtomicBool,
+    rules: Mutex<RulesStatus>,
+}
+
+/// The rules in service and the history of reloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RulesStatus {
+    /// Identity of the rules in service: version and sha256.
+    pub version: String,
+    pub sha256: String,
+    /// Successful swaps since start.
+    pub swaps: u64,
+    /// Refused reloads by reason code.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Why the last refused reload was refused (cleared by the next successful swap).
+    pub last_refusal: Option<String>,
 }
 
 /// A point-in-time copy of the counters.
@@ -72,6 +87,7 @@ pub struct Stats {
     pub skipped: BTreeMap<&'static str, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
     pub cache_stale: bool,
+    pub rules: RulesStatus,
 }
 
 impl Stats {
@@ -103,7 +119,47 @@ impl Events {
             skipped: self.skipped.lock().expect("stats lock").clone(),
             dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
             cache_stale: self.cache_stale.load(Ordering::Relaxed),
+            rules: self.rules.lock().expect("stats lock").clone(),
         }
+    }
+
+    /// The rules the runner starts with.
+    pub fn rules_loaded(&self, identity: &crate::rules::RulesIdentity) {
+        let mut r = self.rules.lock().expect("stats lock");
+        r.version = identity.version.clone();
+        r.sha256 = identity.sha256.clone();
+    }
+
+    pub fn rules_swapped(
+        &self,
+        old: &crate::rules::RulesIdentity,
+        new: &crate::rules::RulesIdentity,
+        trigger: &str,
+    ) {
+        tracing::info!(old = %old, new = %new, trigger, "Rules swapped; the next batch uses the new version.");
+        let mut r = self.rules.lock().expect("stats lock");
+        r.version = new.version.clone();
+        r.sha256 = new.sha256.clone();
+        r.swaps += 1;
+        r.last_refusal = None;
+    }
+
+    pub fn rules_refused(
+        &self,
+        path: &std::path::Path,
+        error: &crate::rules::LoadError,
+        trigger: &str,
+    ) {
+        tracing::error!(
+            path = %path.display(),
+            reason = error.code(),
+            error = %error,
+            trigger,
+            "New rules refused; the running version stays in service."
+        );
+        let mut r = self.rules.lock().expect("stats lock");
+        *r.refused.entry(error.code()).or_default() += 1;
+        r.last_refusal = Some(format!("{}: {error}", error.code()));
     }
 
     pub fn received(&self, n: usize) {

@@ -13,3 +13,4 @@ pub mod pipeline;
 pub mod rules;
 pub mod sink;
 pub mod source;
+pub mod status;

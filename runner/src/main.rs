@@ -166,8 +166,8 @@ async fn real_main(cli: Cli) -> Result<()> {
         Command::Rules {
             command: RulesCommand::Check { file },
         } => {
-            let raw = load_config(None)?;
-            let engine = runner::rules::RulesEngine::new((&raw.rules).into())?;
+            let config = load_config(None)?;
+            let engine = runner::rules::RulesEngine::new((&config.rules).into())?;
             let loaded = engine
                 .load_file(&file)
                 .with_context(|| format!("{} would be refused", file.display()))?;

@@ -235,3 +235,52 @@ pub fn campaign(restaurant: &str, campaign_id: &str, start: i64, end: i64) -> St
     })
     .to_string()
 }
+
+/// A test fixture component built by `make transforms` (build/wasm/fixtures/NAME).
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("RULES_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/wasm/fixtures")
+        });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make transforms` first",
+        p.display()
+    );
+    p
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Replaces `dest` with a copy of `src` the way a deployment does: write aside, then rename.
+pub fn replace_atomically(src: &std::path::Path, dest: &std::path::Path) -> Result<()> {
+    let tmp = dest.with_extension(format!("tmp-{}", unique("x")));
+    std::fs::copy(src, &tmp)?;
+    std::fs::rename(&tmp, dest)?;
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET against the status endpoint: (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8(buf)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("a status line")?
+        .parse()?;
+    Ok((code, body.to_string()))
+}

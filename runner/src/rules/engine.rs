@@ -4,6 +4,7 @@
 
 use super::bindings::{
     CampaignRules, CampaignRulesPre, Drafts, HostLog, HostTypes, LogLevel, Rejection, Verdict,
+    WIT_PACKAGE, WIT_VERSION,
 };
 use crate::config::RulesConfig;
 use sha2::{Digest, Sha256};
@@ -13,7 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    Trap,
+};
 
 /// How often the epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -28,6 +32,10 @@ pub enum LoadError {
     },
     #[error("not a loadable component: {0:#}")]
     Compile(anyhow::Error),
+    #[error("the component imports {name}, but rules may import only {allowed} (no WASI capability is granted)")]
+    ForbiddenImport { name: String, allowed: String },
+    #[error("the component exports {found}, but this runner hosts {WIT_PACKAGE}/rules@{WIT_VERSION} (compatible: {WIT_MAJOR}.x)")]
+    IncompatibleVersion { found: String },
     #[error("component does not fit the {world} world this runner hosts: {detail:#}")]
     WrongWorld {
         world: &'static str,
@@ -35,6 +43,63 @@ pub enum LoadError {
     },
     #[error("smoke check failed: {0}")]
     Smoke(String),
+}
+
+impl LoadError {
+    /// The reason code counted in metrics and shown in status.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::Read { .. } => "read",
+            LoadError::Compile(_) => "not_a_component",
+            LoadError::ForbiddenImport { .. } => "forbidden_import",
+            LoadError::IncompatibleVersion { .. } => "incompatible_version",
+            LoadError::WrongWorld { .. } => "wrong_world",
+            LoadError::Smoke(_) => "smoke_check_failed",
+        }
+    }
+}
+
+/// The major version of the WIT package: components exporting the same major are accepted.
+const WIT_MAJOR: &str = "1";
+
+/// Splits `fooddelivery:campaign-rules/NAME@VERSION` into (NAME, VERSION).
+fn interface_name(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_prefix(WIT_PACKAGE)?.strip_prefix('/')?;
+    rest.split_once('@')
+}
+
+fn same_major(version: &str) -> bool {
+    version.split('.').next() == Some(WIT_MAJOR)
+}
+
+/// Checks imports and the exported interface's version before linking, so that a refusal
+/// says what is wrong in the operator's terms rather than the linker's.
+fn check_contract(component: &Component, engine: &Engine) -> Result<(), LoadError> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        if !matches!(interface_name(name), Some(("host-log" | "types", v)) if same_major(v)) {
+            return Err(LoadError::ForbiddenImport {
+                name: name.to_string(),
+                allowed: format!("{WIT_PACKAGE}/host-log@{WIT_MAJOR}.x"),
+            });
+        }
+    }
+    let exported: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
+    let rules = exported
+        .iter()
+        .find(|n| matches!(interface_name(n), Some(("rules", _))));
+    match rules.and_then(|n| interface_name(n)) {
+        Some((_, v)) if same_major(v) => Ok(()),
+        Some(_) => Err(LoadError::IncompatibleVersion {
+            found: rules.map(|n| n.to_string()).unwrap_or_default(),
+        }),
+        None => Err(LoadError::WrongWorld {
+            world: "campaign-rules",
+            detail: anyhow::anyhow!(
+                "it does not export {WIT_PACKAGE}/rules (its exports: {exported:?})"
+            ),
+        }),
+    }
 }
 
 /// Failures of one call into the guest. Rejections are not here: they are data.
@@ -151,6 +216,9 @@ pub struct SandboxLimits {
     pub call_timeout: Duration,
     pub call_timeout_per_1000_subscribers: Duration,
     pub memory_limit_bytes: usize,
+    /// Where compiled components are cached (keyed by wasmtime on the component's bytes and the
+    /// engine's configuration), so a restart with an unchanged component does not recompile.
+    pub compile_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl From<&RulesConfig> for SandboxLimits {
@@ -159,6 +227,7 @@ impl From<&RulesConfig> for SandboxLimits {
             call_timeout: c.call_timeout,
             call_timeout_per_1000_subscribers: c.call_timeout_per_1000_subscribers,
             memory_limit_bytes: c.memory_limit_bytes,
+            compile_cache_dir: c.compile_cache_dir.clone(),
         }
     }
 }
@@ -173,6 +242,7 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<StoreData>,
     limits: SandboxLimits,
+    cache: Option<Cache>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -195,6 +265,16 @@ impl RulesEngine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        let mut compile_cache = None;
+        if let Some(dir) = &limits.compile_cache_dir {
+            std::fs::create_dir_all(dir)?;
+            let dir = std::fs::canonicalize(dir)?;
+            let mut cache = CacheConfig::new();
+            cache.with_directory(dir);
+            let c = Cache::new(cache)?;
+            config.cache(Some(c.clone()));
+            compile_cache = Some(c);
+        }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         CampaignRules::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
@@ -217,6 +297,7 @@ impl RulesEngine {
                 engine,
                 linker,
                 limits,
+                cache: compile_cache,
                 stop_ticker,
             }),
         })
@@ -224,6 +305,15 @@ impl RulesEngine {
 
     pub fn limits(&self) -> &SandboxLimits {
         &self.inner.limits
+    }
+
+    /// Compile-cache hits and misses so far (zeros without a cache).
+    pub fn compile_cache_stats(&self) -> (usize, usize) {
+        self.inner
+            .cache
+            .as_ref()
+            .map(|c| (c.cache_hits(), c.cache_misses()))
+            .unwrap_or((0, 0))
     }
 
     /// Reads, compiles, links and smoke-tests a component file. Off the hot path.
@@ -239,6 +329,7 @@ impl RulesEngine {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component =
             Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(e.into()))?;
+        check_contract(&component, &self.inner.engine)?;
         let pre =
             self.inner
                 .linker

@@ -3,6 +3,7 @@
 
 mod bindings;
 mod engine;
+mod reload;
 
 pub use bindings::{
     Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict, WIT_PACKAGE, WIT_VERSION,
@@ -10,6 +11,7 @@ pub use bindings::{
 pub use engine::{
     CallError, LoadError, LoadedRules, RulesEngine, RulesIdentity, RulesInstance, SandboxLimits,
 };
+pub use reload::{Reloaded, Reloader};
 
 use arc_swap::ArcSwap;
 use std::sync::Arc;

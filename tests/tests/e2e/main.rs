@@ -2,7 +2,9 @@
 //! cluster, in-process). One binary; every test has its own topics and database.
 
 mod dead_letters;
+mod hot_swap;
 mod operator;
 mod pipeline;
 mod restart;
+mod sandbox;
 mod schema;

@@ -5,7 +5,7 @@
 pub mod rules;
 
 // wit-bindgen's generated export glue is `unsafe` by nature (raw ABI pointers).
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "component"))]
 #[allow(unsafe_code)]
 mod component {
     use super::rules;
@@ -22,7 +22,10 @@ mod component {
     };
 
     /// The version this component reports; the runner logs it and stamps it on every output.
+    #[cfg(not(feature = "v2"))]
     const VERSION: &str = concat!("campaign-rules ", env!("CARGO_PKG_VERSION"));
+    #[cfg(feature = "v2")]
+    const VERSION: &str = concat!("campaign-rules ", env!("CARGO_PKG_VERSION"), "+v2");
 
     struct Component;
     export!(Component);
@@ -108,7 +111,12 @@ mod component {
 
         fn shape(campaign: Campaign, clients: Vec<String>, now: i64) -> Drafts {
             install_panic_hook();
-            let c: rules::Campaign = campaign.into();
+            #[allow(unused_mut)]
+            let mut c: rules::Campaign = campaign.into();
+            #[cfg(feature = "v2")]
+            {
+                c.adv_campaign_content = format!("[v2] {}", c.adv_campaign_content);
+            }
             let drafts = rules::shape(&c, clients.iter().map(String::as_str), now)
                 .into_iter()
                 .map(|(client_id, payload)| Draft { client_id, payload })

@@ -31,6 +31,7 @@ fn rules() -> &'static LoadedRules {
             call_timeout: Duration::from_secs(5),
             call_timeout_per_1000_subscribers: Duration::from_millis(100),
             memory_limit_bytes: 64 << 20,
+            compile_cache_dir: None,
         })
         .expect("engine");
         let path = component_path();

@@ -1,0 +1,192 @@
+//! Hot swap: when the rules file changes (and has settled) or on SIGHUP, the new component is
+//! compiled, checked against the contract, smoke-tested and pre-instantiated off the hot path,
+//! then swapped in atomically; the pipeline picks it up at its next batch boundary. On any
+//! failure the running version stays in service and the refusal is logged, counted and shown.
+
+use super::{LoadError, RulesEngine, RulesHandle, RulesIdentity};
+use crate::events::Events;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Waits until no further change arrived for `settle`; false when shutting down meanwhile.
+async fn settled(
+    rx: &mut mpsc::UnboundedReceiver<()>,
+    settle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = stopped(shutdown) => return false,
+            Some(()) = rx.recv() => continue,
+            _ = tokio::time::sleep(settle) => return true,
+        }
+    }
+}
+
+/// What one reload did.
+#[derive(Debug)]
+pub enum Reloaded {
+    Swapped {
+        old: RulesIdentity,
+        new: RulesIdentity,
+    },
+    /// The file holds the rules already in service.
+    Unchanged,
+    Refused(LoadError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    engine: RulesEngine,
+    handle: RulesHandle,
+    path: PathBuf,
+    events: Arc<Events>,
+    /// The hash of the last file refused: the same bytes are not tried (nor reported) again.
+    last_refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Reloader {
+    pub fn new(
+        engine: RulesEngine,
+        handle: RulesHandle,
+        path: PathBuf,
+        events: Arc<Events>,
+    ) -> Self {
+        Reloader {
+            engine,
+            handle,
+            path,
+            events,
+            last_refused: Default::default(),
+        }
+    }
+
+    /// Loads the file and swaps it in if it is new and passes every check. Blocking.
+    pub fn reload_now(&self, trigger: &str) -> Reloaded {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(source) => {
+                let e = LoadError::Read {
+                    path: self.path.display().to_string(),
+                    source,
+                };
+                self.events.rules_refused(&self.path, &e, trigger);
+                return Reloaded::Refused(e);
+            }
+        };
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let refused_before =
+            self.last_refused.lock().expect("reload lock").as_deref() == Some(sha.as_str());
+        if sha == self.handle.current().identity().sha256 || refused_before {
+            tracing::debug!(path = %self.path.display(), trigger, "Rules file unchanged; nothing to swap.");
+            return Reloaded::Unchanged;
+        }
+        match self.engine.load_bytes(&bytes) {
+            Ok(next) => {
+                let new = next.identity().clone();
+                let old = self.handle.swap(next).identity().clone();
+                self.events.rules_swapped(&old, &new, trigger);
+                Reloaded::Swapped { old, new }
+            }
+            Err(e) => {
+                *self.last_refused.lock().expect("reload lock") = Some(sha);
+                self.events.rules_refused(&self.path, &e, trigger);
+                Reloaded::Refused(e)
+            }
+        }
+    }
+
+    /// Starts watching (the file, through its directory, so replacing it by rename is seen too)
+    /// and listening for SIGHUP before returning, so no change is missed; then reloads on each
+    /// until `shutdown` turns true. A catch-up reload covers changes made before the watch began.
+    pub fn spawn(
+        self,
+        watch_file: bool,
+        settle: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let watcher = if watch_file { self.watch(tx) } else { None };
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot listen for SIGHUP; reload by file change only.");
+                None
+            }
+        };
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut trigger = "catch-up";
+            loop {
+                let this = self.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || this.reload_now(trigger)).await
+                {
+                    tracing::error!(error = %e, "Rules reload task failed.");
+                }
+                trigger = tokio::select! {
+                    _ = stopped(&mut shutdown) => return,
+                    Some(()) = rx.recv() => "file change",
+                    Some(()) = async {
+                        match hup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => "SIGHUP",
+                };
+                if trigger == "file change" && !settled(&mut rx, settle, &mut shutdown).await {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Watches the file's directory; only writes, creations, renames and removals of the file
+    /// count (reading it, as every reload does, must not trigger another reload).
+    fn watch(&self, tx: mpsc::UnboundedSender<()>) -> Option<RecommendedWatcher> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self.path.file_name().map(|n| n.to_owned());
+        let handler = move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => {
+                let relevant = matches!(
+                    event.kind,
+                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                );
+                if relevant && event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                    let _ = tx.send(());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Watching the rules file failed."),
+        };
+        let started = notify::recommended_watcher(handler).and_then(|mut w| {
+            w.watch(&dir, RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
+        match started {
+            Ok(w) => {
+                tracing::info!(path = %self.path.display(), "Watching the rules file.");
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "Cannot watch the rules directory; reload with SIGHUP.");
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
