@@ -25,6 +25,8 @@ BIN="$TANSU_HOME/bin/tansu"
 START_TIMEOUT="${TANSU_START_TIMEOUT:-30}"
 STOP_TIMEOUT="${TANSU_STOP_TIMEOUT:-10}"
 
+now_ms() { local t="${EPOCHREALTIME/[.,]/}"; echo $((t / 1000)); }
+
 log() { printf 'tansu.sh: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
@@ -74,8 +76,16 @@ PY
 }
 
 check_port() {
-  [[ "${1:-}" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ] || die "PORT must be 1..65535, got '${1:-}'"
+  if ! [[ "${1:-}" =~ ^[0-9]+$ ]] || [ "$1" -lt 1 ] || [ "$1" -gt 65535 ]; then
+    die "PORT must be 1..65535, got '${1:-}'"
+  fi
 }
+
+# alive and not a zombie (a reparented zombie may linger where PID 1 does not reap).
+alive() { kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]; }
+
+# signal the broker's process group (setsid made it the leader), falling back to the pid alone.
+sig() { kill "-$1" -- "-$2" 2>/dev/null || kill "-$1" "$2" 2>/dev/null || true; }
 
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
@@ -85,7 +95,7 @@ live_pid() {
   [ -f "$pidf" ] || return 0
   pid="$(cat "$pidf" 2>/dev/null || true)"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "tansu.*tcp://$HOST:$1"; then
+  if alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--listener-url tcp://$HOST:$1 "; then
     echo "$pid"
   fi
 }
@@ -109,19 +119,20 @@ cmd_start() {
     --storage-engine "memory://tansu/" \
     </dev/null >"$logf" 2>&1 &
   pid=$!
+  disown "$pid" 2>/dev/null || true
   echo "$pid" >"$pidf"
-  local deadline=$((SECONDS + START_TIMEOUT))
+  local deadline=$(($(now_ms) + START_TIMEOUT * 1000))
   until port_open "$port"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! alive "$pid"; then
       rm -f "$pidf"
       log "tansu exited before listening on $HOST:$port; log tail ($logf):"
       tail -n 30 "$logf" >&2 || true
       exit 1
     fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
+    if [ "$(now_ms)" -ge "$deadline" ]; then
       log "tansu did not listen on $HOST:$port within ${START_TIMEOUT}s; log tail ($logf):"
       tail -n 30 "$logf" >&2 || true
-      kill -KILL "$pid" 2>/dev/null || true
+      sig KILL "$pid"
       rm -f "$pidf"
       exit 1
     fi
@@ -140,12 +151,14 @@ cmd_stop() {
     log "not running on $HOST:$port"
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
+  sig TERM "$pid"
+  local deadline=$(($(now_ms) + STOP_TIMEOUT * 1000))
+  while alive "$pid"; do
+    if [ "$(now_ms)" -ge "$deadline" ]; then
       log "pid $pid ignored SIGTERM for ${STOP_TIMEOUT}s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
+      sig KILL "$pid"
+      deadline=$(($(now_ms) + 5000))
+      while alive "$pid" && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
       break
     fi
     sleep 0.05
