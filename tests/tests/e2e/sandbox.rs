@@ -227,3 +227,28 @@ async fn sighup_forces_a_reload() -> anyhow::Result<()> {
     running.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_an_unchanged_component_does_not_recompile() -> anyhow::Result<()> {
+    use runner::rules::{RulesEngine, SandboxLimits};
+    let dir = tempfile::tempdir()?;
+    let limits = SandboxLimits {
+        call_timeout: Duration::from_secs(1),
+        call_timeout_per_1000_subscribers: Duration::from_millis(10),
+        memory_limit_bytes: 64 << 20,
+        compile_cache_dir: Some(dir.path().to_path_buf()),
+    };
+    let first = RulesEngine::new(limits.clone())?;
+    let loaded = first.load_file(&rules_wasm())?;
+    assert_eq!(first.compile_cache_stats(), (0, 1), "the first start compiles");
+    // wasmtime writes the cache entry in the background: a later start finds it.
+    let hit = wait_for(Duration::from_secs(10), || {
+        let again = RulesEngine::new(limits.clone()).expect("engine");
+        let reloaded = again.load_file(&rules_wasm()).expect("load");
+        assert_eq!(reloaded.identity(), loaded.identity());
+        again.compile_cache_stats() == (1, 0)
+    })
+    .await;
+    assert!(hit, "a restart loads the compiled component from the cache");
+    Ok(())
+}
