@@ -4,7 +4,7 @@
 use crate::cache::SubscriberCache;
 use crate::config::Config;
 use crate::events::{Events, Stats};
-use crate::pipeline::{Clock, Pipeline, SystemClock};
+use crate::pipeline::{Clock, Pipeline, SystemClock, Worker};
 use crate::rules::{Evaluator, Reloader, RulesEngine, RulesHandle, SandboxLimits};
 use crate::sink::feedback::FeedbackSink;
 use crate::sink::kafka::KafkaSink;
@@ -69,42 +69,34 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     db::ensure_schema(&pg)
         .await
         .context("checking the PostgreSQL schema")?;
+    drop(pg);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (hard_tx, hard_rx) = watch::channel(false);
     // Campaigns wait for this: they are never joined against an empty cache.
-    let cache = SubscriberCache::load(&pg)
-        .await
-        .context("loading subscribers")?;
-    let snapshot = cache.snapshot();
-    tracing::info!(
-        subscriptions = snapshot.subscriptions(),
-        restaurants = snapshot.restaurants(),
-        "Subscribers loaded."
-    );
+    let (cache, follower) = SubscriberCache::start(
+        config.postgres_url.clone(),
+        config.subscribers_full_resync,
+        events.clone(),
+        shutdown_rx.clone(),
+    )
+    .await
+    .context("loading subscribers")?;
 
     let kafka =
         KafkaSink::new(&config.kafka.producer_config()).context("creating the Kafka producer")?;
     let consumer = source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
         .context("creating the Kafka consumer")?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (hard_tx, hard_rx) = watch::channel(false);
-
-    let refresher = tokio::spawn(cache.clone().refresh_loop(
-        config.postgres_url.clone(),
-        Some(pg),
-        config.subscribers_refresh,
-        events.clone(),
-        shutdown_rx.clone(),
-    ));
     let reloader = Reloader::new(
         engine.clone(),
         rules.clone(),
         config.rules.path.clone(),
         events.clone(),
     );
-    let reloader_task =
-        reloader
-            .clone()
-            .spawn(config.rules.watch, config.rules.settle, shutdown_rx.clone());
+    let reloader_task = reloader
+        .clone()
+        .spawn(config.rules.watch, config.rules.settle, shutdown_rx.clone())
+        .await;
     let status = match config.status_listen {
         Some(addr) => {
             let (bound, task) = crate::status::serve(addr, events.clone(), shutdown_rx.clone())
@@ -119,7 +111,10 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         consumer: Arc::new(consumer),
-        evaluator: Some(Evaluator::new(rules.clone())),
+        worker: Some(Worker {
+            evaluator: Evaluator::new(rules.clone()),
+            clients: Vec::new(),
+        }),
         cache: cache.clone(),
         kafka,
         feedback: FeedbackSink::new(config.postgres_url.clone(), None),
@@ -144,7 +139,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         shutdown: shutdown_tx,
         hard_stop: hard_tx,
         pipeline,
-        background: [Some(refresher), Some(reloader_task), status.map(|(_, t)| t)]
+        background: [Some(follower), Some(reloader_task), status.map(|(_, t)| t)]
             .into_iter()
             .flatten()
             .collect(),

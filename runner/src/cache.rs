@@ -1,60 +1,310 @@
-//! The subscriber cache: every subscription held in memory so that a campaign never waits on
-//! the database. A snapshot is immutable and swapped whole (readers are never blocked); a
-//! background task reloads it periodically and swaps only when the content changed.
+//! The subscriber cache: every subscription in memory, so a campaign never waits on the
+//! database, kept fresh by the database itself.
+//!
+//! - A snapshot is immutable: a compact base (ids that are canonical UUIDs stored as 16 bytes,
+//!   any other text kept as text; per restaurant, sorted and without duplicates) plus a small
+//!   overlay of changes. A new snapshot is swapped in whole (`arc-swap`): readers never block.
+//! - The base is loaded with a binary COPY. Changes arrive through LISTEN/NOTIFY from the
+//!   statement triggers installed by the schema step (`sql/subscriptions_feed.sql`): each
+//!   notification says whether each touched (restaurant, client) pair exists after the commit.
+//! - After a lost connection the cache is stale until a full resync (LISTEN first, then COPY,
+//!   then the notifications that arrived meanwhile, in order) has completed; campaigns wait.
 
-use crate::db::{self, DbError};
+use crate::db::DbError;
 use crate::events::Events;
+use crate::sink::stopped;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use futures::{pin_mut, StreamExt};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::binary_copy::BinaryCopyOutStream;
+use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-const SUBSCRIPTIONS_SQL: &str = include_str!("../sql/subscriptions.sql");
+const COPY_SQL: &str = include_str!("../sql/copy_subscriptions.sql");
+/// The channel the triggers of `sql/subscriptions_feed.sql` notify.
+pub const CHANNEL: &str = "campaign_runner_subscriptions";
+/// More overlay entries than this, and the next change triggers a full resync (a new base).
+const OVERLAY_LIMIT: usize = 100_000;
 
-/// An immutable view of `subscribers_restaurants`, grouped by restaurant, duplicates removed.
+/// An id as stored: a canonical (lowercase, hyphenated) UUID as 16 bytes, or the text itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Id {
+    Uuid(u128),
+    Text(Box<str>),
+}
+
+/// A borrowed id, as lookups return them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdRef<'a> {
+    Uuid(u128),
+    Text(&'a str),
+}
+
+/// Parses text as a canonical UUID, or None (other spellings stay text, so that drafts carry
+/// exactly the text of the table).
+fn canonical_uuid(s: &str) -> Option<u128> {
+    if s.len() != 36 {
+        return None;
+    }
+    let u = uuid::Uuid::try_parse(s).ok()?;
+    let mut buf = uuid::Uuid::encode_buffer();
+    (u.hyphenated().encode_lower(&mut buf) == s).then(|| u.as_u128())
+}
+
+impl Id {
+    pub fn parse(s: &str) -> Id {
+        match canonical_uuid(s) {
+            Some(u) => Id::Uuid(u),
+            None => Id::Text(s.into()),
+        }
+    }
+
+    fn as_ref(&self) -> IdRef<'_> {
+        match self {
+            Id::Uuid(u) => IdRef::Uuid(*u),
+            Id::Text(t) => IdRef::Text(t),
+        }
+    }
+}
+
+impl IdRef<'_> {
+    /// Appends the id's text to `out` (no allocation when `out` has room).
+    pub fn write_to(self, out: &mut String) {
+        match self {
+            IdRef::Uuid(u) => {
+                let mut buf = uuid::Uuid::encode_buffer();
+                out.push_str(uuid::Uuid::from_u128(u).hyphenated().encode_lower(&mut buf));
+            }
+            IdRef::Text(t) => out.push_str(t),
+        }
+    }
+
+    pub fn to_text(self) -> String {
+        let mut s = String::with_capacity(36);
+        self.write_to(&mut s);
+        s
+    }
+}
+
+/// Where one restaurant's clients are in the base's flat arrays.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    uuid_start: u32,
+    uuid_len: u32,
+    text_start: u32,
+    text_len: u32,
+}
+
+/// The compact, immutable part of a snapshot.
 #[derive(Debug, Default)]
+struct Base {
+    by_uuid: HashMap<u128, Span>,
+    by_text: HashMap<Box<str>, Span>,
+    uuid_clients: Vec<u128>,
+    text_clients: Vec<Box<str>>,
+    rows: usize,
+}
+
+impl Base {
+    fn span(&self, restaurant: &str) -> Option<Span> {
+        match canonical_uuid(restaurant) {
+            Some(u) => self.by_uuid.get(&u).copied(),
+            None => self.by_text.get(restaurant).copied(),
+        }
+    }
+
+    fn slices(&self, s: Span) -> (&[u128], &[Box<str>]) {
+        let u = s.uuid_start as usize..(s.uuid_start + s.uuid_len) as usize;
+        let t = s.text_start as usize..(s.text_start + s.text_len) as usize;
+        (&self.uuid_clients[u], &self.text_clients[t])
+    }
+
+    fn contains(&self, restaurant: &str, client: IdRef<'_>) -> bool {
+        let Some(s) = self.span(restaurant) else {
+            return false;
+        };
+        let (uuids, texts) = self.slices(s);
+        match client {
+            IdRef::Uuid(u) => uuids.binary_search(&u).is_ok(),
+            IdRef::Text(t) => texts.binary_search_by(|x| (**x).cmp(t)).is_ok(),
+        }
+    }
+
+    fn subscriptions(&self) -> usize {
+        self.uuid_clients.len() + self.text_clients.len()
+    }
+}
+
+/// Builds a base from (restaurant, client) rows in any order.
+#[derive(Debug, Default)]
+struct BaseBuilder {
+    groups: HashMap<Id, (Vec<u128>, Vec<Box<str>>)>,
+    rows: usize,
+}
+
+impl BaseBuilder {
+    fn push(&mut self, restaurant: &str, client: &str) {
+        self.rows += 1;
+        let key = match canonical_uuid(restaurant) {
+            Some(u) => Id::Uuid(u),
+            None => Id::Text(restaurant.into()),
+        };
+        let g = self.groups.entry(key).or_default();
+        match canonical_uuid(client) {
+            Some(u) => g.0.push(u),
+            None => g.1.push(client.into()),
+        }
+    }
+
+    fn build(self) -> Base {
+        let total: usize = self.groups.values().map(|g| g.0.len()).sum();
+        let total_text: usize = self.groups.values().map(|g| g.1.len()).sum();
+        let mut base = Base {
+            uuid_clients: Vec::with_capacity(total),
+            text_clients: Vec::with_capacity(total_text),
+            rows: self.rows,
+            ..Base::default()
+        };
+        for (restaurant, (mut uuids, mut texts)) in self.groups {
+            uuids.sort_unstable();
+            uuids.dedup();
+            texts.sort_unstable();
+            texts.dedup();
+            let span = Span {
+                uuid_start: base.uuid_clients.len() as u32,
+                uuid_len: uuids.len() as u32,
+                text_start: base.text_clients.len() as u32,
+                text_len: texts.len() as u32,
+            };
+            base.uuid_clients.extend_from_slice(&uuids);
+            base.text_clients.extend(texts);
+            match restaurant {
+                Id::Uuid(u) => base.by_uuid.insert(u, span),
+                Id::Text(t) => base.by_text.insert(t, span),
+            };
+        }
+        base.by_uuid.shrink_to_fit();
+        base.by_text.shrink_to_fit();
+        base
+    }
+}
+
+/// One restaurant's changes since the base was loaded: per client, present or not.
+#[derive(Debug, Default, Clone)]
+struct Changes {
+    uuids: BTreeMap<u128, bool>,
+    texts: BTreeMap<Box<str>, bool>,
+}
+
+impl Changes {
+    fn get(&self, id: IdRef<'_>) -> Option<bool> {
+        match id {
+            IdRef::Uuid(u) => self.uuids.get(&u).copied(),
+            IdRef::Text(t) => self.texts.get(t).copied(),
+        }
+    }
+
+    fn set(&mut self, id: Id, present: bool) {
+        match id {
+            Id::Uuid(u) => self.uuids.insert(u, present),
+            Id::Text(t) => self.texts.insert(t, present),
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.uuids.len() + self.texts.len()
+    }
+
+    /// Clients present here (whether or not the base has them).
+    fn present(&self) -> impl Iterator<Item = IdRef<'_>> {
+        let u = self
+            .uuids
+            .iter()
+            .filter(|(_, p)| **p)
+            .map(|(u, _)| IdRef::Uuid(*u));
+        let t = self
+            .texts
+            .iter()
+            .filter(|(_, p)| **p)
+            .map(|(t, _)| IdRef::Text(t));
+        u.chain(t)
+    }
+}
+
+/// Changes since the base was loaded, per restaurant.
+type Overlay = HashMap<Box<str>, Changes>;
+
+/// One immutable view of `subscribers_restaurants`.
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     version: u64,
-    by_restaurant: HashMap<Box<str>, Vec<String>>,
-    rows: usize,
+    base: Arc<Base>,
+    overlay: Arc<Overlay>,
     subscriptions: usize,
 }
 
 impl Snapshot {
     /// Builds a snapshot from (restaurant_id, client_id) rows in any order.
-    pub fn from_rows(version: u64, rows: impl IntoIterator<Item = (String, String)>) -> Snapshot {
-        let mut by_restaurant: HashMap<Box<str>, Vec<String>> = HashMap::new();
-        let mut n = 0;
-        for (restaurant, client) in rows {
-            n += 1;
-            by_restaurant
-                .entry(restaurant.into_boxed_str())
-                .or_default()
-                .push(client);
+    pub fn from_rows<'a>(
+        version: u64,
+        rows: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Snapshot {
+        let mut b = BaseBuilder::default();
+        for (r, c) in rows {
+            b.push(r, c);
         }
-        let mut subscriptions = 0;
-        for clients in by_restaurant.values_mut() {
-            clients.sort_unstable();
-            clients.dedup();
-            clients.shrink_to_fit();
-            subscriptions += clients.len();
-        }
+        Snapshot::from_base(version, b.build())
+    }
+
+    fn from_base(version: u64, base: Base) -> Snapshot {
+        let subscriptions = base.subscriptions();
         Snapshot {
             version,
-            by_restaurant,
-            rows: n,
+            base: Arc::new(base),
+            overlay: Arc::default(),
             subscriptions,
         }
     }
 
-    /// The distinct subscribers of a restaurant, sorted.
-    pub fn clients(&self, restaurant_id: &str) -> &[String] {
-        self.by_restaurant
-            .get(restaurant_id)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+    /// The distinct subscribers of a restaurant, without allocating: the base's clients not
+    /// removed since, then the clients added since.
+    pub fn clients<'a>(&'a self, restaurant_id: &'a str) -> impl Iterator<Item = IdRef<'a>> + 'a {
+        let (uuids, texts) = match self.base.span(restaurant_id) {
+            Some(s) => self.base.slices(s),
+            None => (&[][..], &[][..]),
+        };
+        let changes = self.overlay.get(restaurant_id);
+        let kept = move |id: &IdRef<'_>| changes.is_none_or(|c| c.get(*id) != Some(false));
+        let base = uuids
+            .iter()
+            .map(|u| IdRef::Uuid(*u))
+            .chain(texts.iter().map(|t| IdRef::Text(t)))
+            .filter(kept);
+        let added = changes
+            .into_iter()
+            .flat_map(Changes::present)
+            .filter(move |id| !self.base.contains(restaurant_id, *id));
+        base.chain(added)
+    }
+
+    /// Writes the distinct subscribers of a restaurant into `out` as text, reusing its Strings.
+    pub fn clients_into(&self, restaurant_id: &str, out: &mut Vec<String>) {
+        let mut n = 0;
+        for id in self.clients(restaurant_id) {
+            if n < out.len() {
+                out[n].clear();
+                id.write_to(&mut out[n]);
+            } else {
+                out.push(id.to_text());
+            }
+            n += 1;
+        }
+        out.truncate(n);
     }
 
     pub fn version(&self) -> u64 {
@@ -66,25 +316,62 @@ impl Snapshot {
         self.subscriptions
     }
 
-    /// Rows read from the table, duplicates included.
+    /// Rows the base was loaded from, duplicates included.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.base.rows
     }
 
     pub fn restaurants(&self) -> usize {
-        self.by_restaurant.len()
+        self.base.by_uuid.len() + self.base.by_text.len()
     }
 
-    fn same_content(&self, other: &Snapshot) -> bool {
-        self.by_restaurant == other.by_restaurant
+    fn overlay_len(&self) -> usize {
+        self.overlay.values().map(Changes::len).sum()
+    }
+
+    /// A new snapshot with `changes` applied: (restaurant, client, present after the commit).
+    fn with_changes(&self, version: u64, changes: &[(String, String, bool)]) -> Snapshot {
+        let mut overlay = (*self.overlay).clone();
+        let mut subscriptions = self.subscriptions as i64;
+        for (restaurant, client, present) in changes {
+            let id = Id::parse(client);
+            let entry = overlay.entry(restaurant.as_str().into()).or_default();
+            let was = entry
+                .get(id.as_ref())
+                .unwrap_or_else(|| self.base.contains(restaurant, id.as_ref()));
+            subscriptions += i64::from(*present) - i64::from(was);
+            entry.set(id, *present);
+        }
+        Snapshot {
+            version,
+            base: self.base.clone(),
+            overlay: Arc::new(overlay),
+            subscriptions: subscriptions.max(0) as usize,
+        }
     }
 }
 
-/// The shared, swappable snapshot plus whether it is known to be stale.
+/// The shared, swappable snapshot plus whether it can be trusted.
 #[derive(Debug, Clone)]
 pub struct SubscriberCache {
     current: Arc<ArcSwap<Snapshot>>,
-    stale: Arc<AtomicBool>,
+    fresh: watch::Receiver<bool>,
+}
+
+/// The notification payload written by the triggers.
+#[derive(Debug, Deserialize)]
+struct Notification {
+    #[serde(default)]
+    resync: bool,
+    #[serde(default)]
+    changes: Vec<(String, String, bool)>,
+}
+
+/// What the listening connection reports.
+#[derive(Debug)]
+enum Feed {
+    Notification(String),
+    Lost(String),
 }
 
 impl SubscriberCache {
@@ -92,108 +379,295 @@ impl SubscriberCache {
         self.current.load_full()
     }
 
-    /// True when the last refresh failed: joins use the previous snapshot meanwhile.
+    /// True while the snapshot is known to be stale (lost connection, resync in progress).
     pub fn is_stale(&self) -> bool {
-        self.stale.load(Ordering::Relaxed)
+        !*self.fresh.borrow()
     }
 
-    /// Loads the first snapshot; the runner does not consume before this succeeds.
-    pub async fn load(client: &Client) -> Result<SubscriberCache, DbError> {
-        let snapshot = load_snapshot(client, 1).await?;
-        Ok(SubscriberCache {
-            current: Arc::new(ArcSwap::from_pointee(snapshot)),
-            stale: Arc::new(AtomicBool::new(false)),
-        })
+    /// Waits until the snapshot can be trusted (after a resync); immediate when fresh.
+    pub async fn wait_fresh(&self) {
+        let mut fresh = self.fresh.clone();
+        let _ = fresh.wait_for(|f| *f).await;
     }
 
-    /// Reloads every `interval` until `shutdown` resolves. Reconnects when the connection broke.
-    pub async fn refresh_loop(
-        self,
+    /// Loads the first snapshot and starts following changes; returns once the cache is fresh.
+    /// The follower runs until `shutdown` turns true.
+    pub async fn start(
         url: String,
-        mut client: Option<Client>,
-        interval: Duration,
+        full_resync_interval: Duration,
         events: Arc<Events>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = ticker.tick() => {}
-            }
-            let c = match client.take().filter(|c| !c.is_closed()) {
-                Some(c) => c,
-                None => match db::connect(&url).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.mark_stale(&events, &e);
-                        continue;
-                    }
-                },
-            };
-            let next_version = self.snapshot().version() + 1;
-            match load_snapshot(&c, next_version).await {
-                Ok(next) => {
-                    self.stale.store(false, Ordering::Relaxed);
-                    events.cache_stale.store(false, Ordering::Relaxed);
-                    if !next.same_content(&self.snapshot()) {
-                        tracing::info!(
-                            version = next.version(),
-                            subscriptions = next.subscriptions(),
-                            restaurants = next.restaurants(),
-                            "Subscriber snapshot changed; swapped in."
-                        );
-                        self.current.store(Arc::new(next));
-                    }
-                    client = Some(c);
-                }
-                Err(e) => self.mark_stale(&events, &e),
-            }
-        }
-    }
-
-    fn mark_stale(&self, events: &Events, e: &DbError) {
-        if !self.stale.swap(true, Ordering::Relaxed) {
-            tracing::warn!(error = %e, "Subscriber refresh failed; joins use the last snapshot, which may be stale.");
-        }
-        events.cache_stale.store(true, Ordering::Relaxed);
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(SubscriberCache, tokio::task::JoinHandle<()>), DbError> {
+        let (fresh_tx, fresh_rx) = watch::channel(false);
+        let current = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let mut follower = Follower {
+            url,
+            current: current.clone(),
+            fresh: fresh_tx,
+            events,
+            version: 0,
+        };
+        // The first connection and load happen here, so a broken database fails the start.
+        let feed = follower.connect_and_resync().await?;
+        let cache = SubscriberCache {
+            current,
+            fresh: fresh_rx,
+        };
+        let task = tokio::spawn(follower.run(feed, full_resync_interval, shutdown));
+        Ok((cache, task))
     }
 }
 
-async fn load_snapshot(client: &Client, version: u64) -> Result<Snapshot, DbError> {
-    let started = Instant::now();
-    let rows = client
-        .query(SUBSCRIPTIONS_SQL, &[])
-        .await
-        .map_err(DbError::from_pg)?;
-    let snapshot = Snapshot::from_rows(version, rows.into_iter().map(|r| (r.get(0), r.get(1))));
-    tracing::debug!(
-        version,
-        rows = snapshot.rows(),
-        subscriptions = snapshot.subscriptions(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "Subscriber snapshot loaded."
-    );
-    Ok(snapshot)
+struct Follower {
+    url: String,
+    current: Arc<ArcSwap<Snapshot>>,
+    fresh: watch::Sender<bool>,
+    events: Arc<Events>,
+    version: u64,
+}
+
+struct Connected {
+    client: Client,
+    feed: mpsc::UnboundedReceiver<Feed>,
+}
+
+impl Follower {
+    fn set_fresh(&self, fresh: bool) {
+        self.fresh.send_replace(fresh);
+        self.events.cache_stale.store(!fresh, Ordering::Relaxed);
+    }
+
+    /// LISTEN first, then COPY, then apply what arrived meanwhile: nothing is missed.
+    async fn connect_and_resync(&mut self) -> Result<Connected, DbError> {
+        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .map_err(DbError::Unavailable)?;
+        let (tx, feed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            pin_mut!(stream);
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(Feed::Notification(n.payload().to_string()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Feed::Lost(e.to_string()));
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Feed::Lost("the connection closed".into()));
+        });
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(DbError::from_pg)?;
+        let mut connected = Connected { client, feed };
+        self.resync(&mut connected).await?;
+        Ok(connected)
+    }
+
+    async fn resync(&mut self, c: &mut Connected) -> Result<(), DbError> {
+        let started = Instant::now();
+        let base = load_base(&c.client).await?;
+        self.version += 1;
+        let mut snapshot = Snapshot::from_base(self.version, base);
+        // Notifications that arrived during the COPY, in commit order, on top of it.
+        while let Ok(f) = c.feed.try_recv() {
+            match f {
+                Feed::Notification(p) => match serde_json::from_str::<Notification>(&p) {
+                    Ok(n) if !n.resync => {
+                        snapshot = snapshot.with_changes(self.version, &n.changes)
+                    }
+                    _ => {}
+                },
+                Feed::Lost(e) => return Err(DbError::FeedLost(e)),
+            }
+        }
+        tracing::info!(
+            version = snapshot.version(),
+            rows = snapshot.rows(),
+            subscriptions = snapshot.subscriptions(),
+            restaurants = snapshot.restaurants(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Subscriber snapshot loaded in full."
+        );
+        self.current.store(Arc::new(snapshot));
+        self.events.cache_resynced();
+        self.set_fresh(true);
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut connected: Connected,
+        full_resync_interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut periodic = tokio::time::interval(full_resync_interval);
+        periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        periodic.tick().await;
+        loop {
+            let lost = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = periodic.tick() => self.resync(&mut connected).await.err().map(|e| e.to_string()),
+                f = connected.feed.recv() => match f {
+                    Some(Feed::Notification(p)) => self.apply(&mut connected, &p).await,
+                    Some(Feed::Lost(e)) => Some(e),
+                    None => Some("the connection task ended".into()),
+                },
+            };
+            let Some(reason) = lost else { continue };
+            // Stale from here until a full resync on a new connection succeeds.
+            self.set_fresh(false);
+            tracing::warn!(error = %reason, "Subscriber feed lost; the cache is stale until a full resync.");
+            let mut backoff = crate::sink::Backoff::new(Duration::from_secs(2));
+            connected = loop {
+                if *shutdown.borrow() {
+                    return;
+                }
+                match self.connect_and_resync().await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        let wait = backoff.step();
+                        tracing::warn!(error = %e, attempt = backoff.attempt, "Subscriber resync failed; retrying.");
+                        if !crate::sink::pause(wait, &mut shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            };
+            tracing::info!("Subscriber cache resynchronised; fresh again.");
+        }
+    }
+
+    /// Applies one notification; Some(reason) when the connection must be rebuilt.
+    async fn apply(&mut self, c: &mut Connected, payload: &str) -> Option<String> {
+        let n: Notification = match serde_json::from_str(payload) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, payload, "Unreadable subscriber notification; resyncing.");
+                Notification {
+                    resync: true,
+                    changes: Vec::new(),
+                }
+            }
+        };
+        let current = self.current.load_full();
+        if n.resync || current.overlay_len() > OVERLAY_LIMIT {
+            return self.resync(c).await.err().map(|e| e.to_string());
+        }
+        self.version += 1;
+        let next = current.with_changes(self.version, &n.changes);
+        tracing::debug!(
+            version = next.version(),
+            changes = n.changes.len(),
+            "Subscriber changes applied."
+        );
+        self.current.store(Arc::new(next));
+        None
+    }
+}
+
+async fn load_base(client: &Client) -> Result<Base, DbError> {
+    let copy = client.copy_out(COPY_SQL).await.map_err(DbError::from_pg)?;
+    let rows = BinaryCopyOutStream::new(copy, &[Type::VARCHAR, Type::VARCHAR]);
+    pin_mut!(rows);
+    let mut builder = BaseBuilder::default();
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(DbError::from_pg)?;
+        builder.push(
+            row.try_get::<&str>(0).map_err(DbError::from_pg)?,
+            row.try_get::<&str>(1).map_err(DbError::from_pg)?,
+        );
+    }
+    Ok(builder.build())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn texts(s: &Snapshot, r: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        s.clients_into(r, &mut out);
+        out.sort();
+        out
+    }
+
+    const U1: &str = "123e4567-e89b-12d3-a456-426614174001";
+    const U2: &str = "223e4567-e89b-12d3-a456-426614174000";
+    const U3: &str = "323e4567-e89b-12d3-a456-426614174000";
+
     #[test]
-    fn duplicates_collapse_and_unknown_restaurants_are_empty() {
+    fn duplicates_collapse_text_ids_work_unknown_restaurants_are_empty() {
         let s = Snapshot::from_rows(
             1,
-            [("r1", "c2"), ("r1", "c1"), ("r2", "c9"), ("r2", "c9")]
-                .into_iter()
-                .map(|(r, c)| (r.to_string(), c.to_string())),
+            [
+                (U1, U3),
+                (U1, U2),
+                (U1, U2),
+                ("shop-7", "alice"),
+                ("shop-7", U2),
+            ],
         );
-        assert_eq!(s.clients("r1"), ["c1", "c2"]);
-        assert_eq!(s.clients("r2"), ["c9"]);
-        assert!(s.clients("r3").is_empty());
-        assert_eq!((s.rows(), s.subscriptions(), s.restaurants()), (4, 3, 2));
+        assert_eq!(texts(&s, U1), [U2, U3]);
+        assert_eq!(texts(&s, "shop-7"), [U2, "alice"]);
+        assert!(texts(&s, "nobody").is_empty());
+        assert_eq!((s.rows(), s.subscriptions(), s.restaurants()), (5, 4, 2));
+    }
+
+    #[test]
+    fn non_canonical_uuids_keep_their_text() {
+        let upper = "323E4567-E89B-12D3-A456-426614174000";
+        let s = Snapshot::from_rows(1, [(U1, upper)]);
+        assert_eq!(texts(&s, U1), [upper]);
+        assert!(matches!(Id::parse(upper), Id::Text(_)));
+        assert!(matches!(Id::parse(U1), Id::Uuid(_)));
+    }
+
+    #[test]
+    fn changes_add_remove_and_move_subscriptions() {
+        let s = Snapshot::from_rows(1, [(U1, U2), (U1, U3)]);
+        let s = s.with_changes(
+            2,
+            &[
+                (U1.into(), U3.into(), false),
+                (U1.into(), "bob".into(), true),
+                ("shop".into(), U2.into(), true),
+            ],
+        );
+        assert_eq!(texts(&s, U1), [U2.to_string(), "bob".to_string()]);
+        assert_eq!(texts(&s, "shop"), [U2]);
+        assert_eq!(s.subscriptions(), 3);
+        // The iterator agrees with clients_into.
+        let mut via_iter: Vec<String> = s.clients(U1).map(IdRef::to_text).collect();
+        via_iter.sort();
+        assert_eq!(via_iter, texts(&s, U1));
+        // Present again; a change to an absent pair that says absent changes nothing.
+        let s = s.with_changes(
+            3,
+            &[
+                (U1.into(), U3.into(), true),
+                (U1.into(), "ghost".into(), false),
+            ],
+        );
+        assert_eq!(
+            texts(&s, U1),
+            [U2.to_string(), U3.to_string(), "bob".to_string()]
+        );
+        assert_eq!(s.subscriptions(), 4);
+    }
+
+    #[test]
+    fn a_buffer_is_reused_without_leftovers() {
+        let s = Snapshot::from_rows(1, [(U1, U2), (U1, U3), ("r", "x")]);
+        let mut out = Vec::new();
+        s.clients_into(U1, &mut out);
+        assert_eq!(out.len(), 2);
+        s.clients_into("r", &mut out);
+        assert_eq!(out, ["x"]);
     }
 }

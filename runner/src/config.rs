@@ -72,8 +72,9 @@ pub struct RawPostgres {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSubscribers {
+    /// A full reload as a safety net; changes arrive within a second through LISTEN/NOTIFY.
     #[serde(with = "humantime_serde")]
-    pub refresh_interval: Duration,
+    pub full_resync_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,7 +146,7 @@ impl RawConfig {
 pub struct Config {
     pub kafka: KafkaConfig,
     pub postgres_url: String,
-    pub subscribers_refresh: Duration,
+    pub subscribers_full_resync: Duration,
     pub rules: RulesConfig,
     pub pipeline: PipelineConfig,
     /// Where the HTTP status endpoint listens, if anywhere.
@@ -310,8 +311,8 @@ impl RawConfig {
                 r.memory_limit_mib
             ));
         }
-        if self.subscribers.refresh_interval.is_zero() {
-            problems.push("subscribers.refresh_interval must be positive".into());
+        if self.subscribers.full_resync_interval.is_zero() {
+            problems.push("subscribers.full_resync_interval must be positive".into());
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems.join("; ")));
@@ -327,7 +328,7 @@ impl RawConfig {
                 producer: k.producer_properties.clone(),
             },
             postgres_url: self.postgres.url,
-            subscribers_refresh: self.subscribers.refresh_interval,
+            subscribers_full_resync: self.subscribers.full_resync_interval,
             rules: RulesConfig {
                 path: r.path.clone(),
                 call_timeout: r.call_timeout,

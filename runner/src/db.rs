@@ -4,6 +4,9 @@
 use tokio_postgres::{Client, NoTls};
 
 const SCHEMA_SQL: &str = include_str!("../sql/schema.sql");
+const FEED_SQL: &str = include_str!("../sql/subscriptions_feed.sql");
+/// Serialises the schema step between runners starting together.
+const SCHEMA_LOCK: i64 = 0x6361_6d70_6169_676e;
 const COLUMNS_SQL: &str = include_str!("../sql/columns.sql");
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,9 @@ pub enum DbError {
     Schema { table: &'static str, detail: String },
     #[error("PostgreSQL refused a statement: {0}")]
     Statement(#[source] tokio_postgres::Error),
+    /// The listening connection broke: retry with a new one.
+    #[error("the subscriber feed connection was lost: {0}")]
+    FeedLost(String),
 }
 
 impl DbError {
@@ -37,6 +43,7 @@ impl DbError {
                 c.starts_with("08") || c.starts_with("57") || c == "40001" || c == "40P01"
             }),
             DbError::Schema { .. } => false,
+            DbError::FeedLost(_) => true,
         }
     }
 }
@@ -85,8 +92,12 @@ const NEEDED: &[(&str, &[Column])] = &[
 
 /// Creates the tables when absent, never alters them, and checks that what exists fits.
 pub async fn ensure_schema(client: &Client) -> Result<(), DbError> {
+    let script = format!(
+        "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n\
+         {SCHEMA_SQL}\n{FEED_SQL}\nCOMMIT;"
+    );
     client
-        .batch_execute(SCHEMA_SQL)
+        .batch_execute(&script)
         .await
         .map_err(DbError::from_pg)?;
     for (table, columns) in NEEDED {

@@ -51,6 +51,7 @@ pub struct Events {
     offsets_stored: AtomicU64,
     batches: AtomicU64,
     sink_retries: AtomicU64,
+    cache_resyncs: AtomicU64,
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
     pub(crate) cache_stale: AtomicBool,
@@ -84,6 +85,8 @@ pub struct Stats {
     pub offsets_stored: u64,
     pub batches: u64,
     pub sink_retries: u64,
+    /// Full loads of the subscriber table (the first one included).
+    pub cache_resyncs: u64,
     pub skipped: BTreeMap<&'static str, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
     pub cache_stale: bool,
@@ -116,11 +119,16 @@ impl Events {
             offsets_stored: self.offsets_stored.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             sink_retries: self.sink_retries.load(Ordering::Relaxed),
+            cache_resyncs: self.cache_resyncs.load(Ordering::Relaxed),
             skipped: self.skipped.lock().expect("stats lock").clone(),
             dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
             cache_stale: self.cache_stale.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
         }
+    }
+
+    pub fn cache_resynced(&self) {
+        self.cache_resyncs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The rules the runner starts with.

@@ -5,7 +5,7 @@
 //! to both sinks concurrently, and only then store the batch's offsets. A batch that produces
 //! many drafts is written in several groups of at most `batch_max_drafts` drafts.
 
-use crate::cache::SubscriberCache;
+use crate::cache::{Snapshot, SubscriberCache};
 use crate::config::PipelineConfig;
 use crate::events::{Events, SkipReason, SourcePos};
 use crate::rules::{Activity, Drafts, Evaluator, RulesIdentity};
@@ -53,6 +53,14 @@ impl Clock for SystemClock {
     }
 }
 
+/// What evaluates a group off the async threads.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) evaluator: Evaluator,
+    /// The subscribers of the campaign in hand, as text, reused from campaign to campaign.
+    pub(crate) clients: Vec<String>,
+}
+
 /// What one input message came to.
 #[derive(Debug)]
 enum Outcome {
@@ -84,7 +92,9 @@ pub struct Pipeline {
     pub(crate) output_topic: String,
     pub(crate) dead_letter_topic: String,
     pub(crate) consumer: Arc<CampaignConsumer>,
-    pub(crate) evaluator: Option<Evaluator>,
+    /// The rules caller and the join's reusable client buffer; moved onto a blocking thread
+    /// for each group, so absent only while a group is being evaluated.
+    pub(crate) worker: Option<Worker>,
     pub(crate) cache: SubscriberCache,
     pub(crate) kafka: KafkaSink,
     pub(crate) feedback: FeedbackSink,
@@ -162,30 +172,38 @@ impl Pipeline {
     ) -> Result<(), Abandoned> {
         self.events.received(batch.len());
         let mut rest: VecDeque<OwnedMessage> = batch.into();
-        let mut evaluator = self
-            .evaluator
+        let mut worker = self
+            .worker
             .take()
-            .expect("evaluator is present between batches");
+            .expect("the worker is present between batches");
         // A swap of the rules takes effect here, between batches: one batch, one rules version.
-        evaluator.refresh();
+        worker.evaluator.refresh();
         while !rest.is_empty() {
+            // Never join against a snapshot known to be stale (first load, lost connection).
+            if self.cache.is_stale() {
+                tracing::info!("Waiting for the subscriber cache to be resynchronised.");
+                self.cache.wait_fresh().await;
+            }
             let started = Instant::now();
-            let snapshot_cache = self.cache.clone();
+            let snapshot = self.cache.snapshot();
             let clock = self.clock.clone();
             let cfg = self.cfg.clone();
-            let (ev, group, remaining) = tokio::task::spawn_blocking(move || {
-                let mut ev = evaluator;
-                let group = evaluate_group(&mut ev, &mut rest, &snapshot_cache, &*clock, &cfg);
-                (ev, group, rest)
+            let (w, group, remaining) = tokio::task::spawn_blocking(move || {
+                let mut w = worker;
+                let group = evaluate_group(&mut w, &mut rest, &snapshot, &*clock, &cfg);
+                (w, (group, snapshot), rest)
             })
             .await
             .expect("rules evaluation does not panic");
-            evaluator = ev;
+            worker = w;
             rest = remaining;
-            let identity = evaluator.identity().clone();
-            let written = self.write_group(&group, &identity, stop.clone()).await;
+            let (group, snapshot) = group;
+            let identity = worker.evaluator.identity().clone();
+            let written = self
+                .write_group(&group, &identity, snapshot.version(), stop.clone())
+                .await;
             if written.is_err() {
-                self.evaluator = Some(evaluator);
+                self.worker = Some(worker);
                 return Err(Abandoned);
             }
             self.store_offsets(&group);
@@ -200,7 +218,7 @@ impl Pipeline {
             self.events
                 .batch_committed(group.len(), drafts, started.elapsed());
         }
-        self.evaluator = Some(evaluator);
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -209,9 +227,11 @@ impl Pipeline {
         &mut self,
         group: &[Evaluated],
         rules: &RulesIdentity,
+        snapshot_version: u64,
         stop: watch::Receiver<bool>,
     ) -> Result<(), Abandoned> {
-        let snapshot = self.cache.snapshot().version().to_string();
+        // The subscriber snapshot the group was joined against.
+        let snapshot = snapshot_version.to_string();
         let mut records = Vec::new();
         let mut rows = Vec::new();
         for e in group {
@@ -339,13 +359,12 @@ impl Pipeline {
 /// Evaluates messages from the front of `rest` until it is empty or the group holds at least
 /// `batch_max_drafts` drafts. Runs on a blocking thread: rules calls are synchronous.
 fn evaluate_group(
-    ev: &mut Evaluator,
+    w: &mut Worker,
     rest: &mut VecDeque<OwnedMessage>,
-    cache: &SubscriberCache,
+    snapshot: &Snapshot,
     clock: &dyn Clock,
     cfg: &PipelineConfig,
 ) -> Vec<Evaluated> {
-    let snapshot = cache.snapshot();
     let mut group = Vec::new();
     let mut drafts = 0;
     while drafts < cfg.batch_max_drafts {
@@ -355,7 +374,7 @@ fn evaluate_group(
             partition: msg.partition(),
             offset: msg.offset(),
         };
-        let outcome = evaluate_one(ev, &msg, &snapshot, clock, cfg);
+        let outcome = evaluate_one(w, &msg, snapshot, clock, cfg);
         if let Outcome::Deliver { drafts: d, .. } = &outcome {
             drafts += d.drafts.len();
         }
@@ -373,9 +392,9 @@ fn dead_letter(code: &str, detail: String, field: Option<String>) -> Outcome {
 }
 
 fn evaluate_one(
-    ev: &mut Evaluator,
+    w: &mut Worker,
     msg: &OwnedMessage,
-    snapshot: &crate::cache::Snapshot,
+    snapshot: &Snapshot,
     clock: &dyn Clock,
     cfg: &PipelineConfig,
 ) -> Outcome {
@@ -394,7 +413,7 @@ fn evaluate_one(
         );
     }
     let now = clock.now();
-    let verdict = match ev.validate(payload, now) {
+    let verdict = match w.evaluator.validate(payload, now) {
         Err(e) => return dead_letter(e.code(), e.to_string(), None),
         Ok(Err(r)) => return dead_letter(r.code.as_str(), r.detail, r.field),
         Ok(Ok(v)) => v,
@@ -415,14 +434,14 @@ fn evaluate_one(
         }
         Activity::Active => {}
     }
-    let clients = snapshot.clients(&verdict.campaign.restaurant_id);
-    if clients.is_empty() {
+    snapshot.clients_into(&verdict.campaign.restaurant_id, &mut w.clients);
+    if w.clients.is_empty() {
         return Outcome::Skip {
             reason: SkipReason::NoSubscribers,
             campaign_id,
         };
     }
-    let drafts = match ev.shape(&verdict.campaign, clients, now) {
+    let drafts = match w.evaluator.shape(&verdict.campaign, &w.clients, now) {
         Ok(d) => d,
         Err(e) => return dead_letter(e.code(), e.to_string(), None),
     };

@@ -122,6 +122,11 @@ pub fn render_metrics(s: &Stats) -> String {
         &one(s.sink_retries),
     );
     counter(
+        "subscriber_resyncs_total",
+        "Full loads of the subscriber table.",
+        &one(s.cache_resyncs),
+    );
+    counter(
         "skipped_total",
         "Valid campaigns that produced nothing, by reason.",
         &labelled(

@@ -5,6 +5,7 @@
 
 use super::{LoadError, RulesEngine, RulesHandle, RulesIdentity};
 use crate::events::Events;
+use crate::sink::stopped;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -13,10 +14,6 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
 
 /// Waits until no further change arrived for `settle`; false when shutting down meanwhile.
 async fn settled(
@@ -109,7 +106,7 @@ impl Reloader {
     /// Starts watching (the file, through its directory, so replacing it by rename is seen too)
     /// and listening for SIGHUP before returning, so no change is missed; then reloads on each
     /// until `shutdown` turns true. A catch-up reload covers changes made before the watch began.
-    pub fn spawn(
+    pub async fn spawn(
         self,
         watch_file: bool,
         settle: Duration,
@@ -124,16 +121,15 @@ impl Reloader {
                 None
             }
         };
+        // The catch-up reload finishes before this returns: started means checked.
+        let this = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || this.reload_now("catch-up")).await {
+            tracing::error!(error = %e, "Rules reload task failed.");
+        }
         tokio::spawn(async move {
             let _watcher = watcher;
-            let mut trigger = "catch-up";
             loop {
-                let this = self.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || this.reload_now(trigger)).await
-                {
-                    tracing::error!(error = %e, "Rules reload task failed.");
-                }
-                trigger = tokio::select! {
+                let trigger = tokio::select! {
                     _ = stopped(&mut shutdown) => return,
                     Some(()) = rx.recv() => "file change",
                     Some(()) = async {
@@ -145,6 +141,11 @@ impl Reloader {
                 };
                 if trigger == "file change" && !settled(&mut rx, settle, &mut shutdown).await {
                     return;
+                }
+                let this = self.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || this.reload_now(trigger)).await
+                {
+                    tracing::error!(error = %e, "Rules reload task failed.");
                 }
             }
         })

@@ -37,6 +37,11 @@ impl Backoff {
     }
 }
 
+/// Resolves once `stop` is true (holds no borrow of the channel across the await's end).
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Sleeps for `d` unless `stop` fires first; false when stopped.
 pub(crate) async fn pause(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
     if *stop.borrow() {

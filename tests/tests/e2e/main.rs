@@ -1,6 +1,7 @@
 //! End-to-end scenarios against real PostgreSQL and the Kafka protocol (librdkafka's mock
 //! cluster, in-process). One binary; every test has its own topics and database.
 
+mod cache;
 mod dead_letters;
 mod hot_swap;
 mod operator;

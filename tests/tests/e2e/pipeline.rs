@@ -234,7 +234,11 @@ async fn subscription_changes_reach_the_join_while_running() -> anyhow::Result<(
     let db = TestDb::new().await?.with_schema().await?;
     db.seed_spec_subscribers().await?;
     let running = start(
-        config(&kafka, &db, "[subscribers]\nrefresh_interval = \"200ms\"\n"),
+        config(
+            &kafka,
+            &db,
+            "[subscribers]\nfull_resync_interval = \"1h\"\n",
+        ),
         fixed(SPEC_NOW),
     )
     .await?;

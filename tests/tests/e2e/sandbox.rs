@@ -240,7 +240,11 @@ async fn a_restart_with_an_unchanged_component_does_not_recompile() -> anyhow::R
     };
     let first = RulesEngine::new(limits.clone())?;
     let loaded = first.load_file(&rules_wasm())?;
-    assert_eq!(first.compile_cache_stats(), (0, 1), "the first start compiles");
+    assert_eq!(
+        first.compile_cache_stats(),
+        (0, 1),
+        "the first start compiles"
+    );
     // wasmtime writes the cache entry in the background: a later start finds it.
     let hit = wait_for(Duration::from_secs(10), || {
         let again = RulesEngine::new(limits.clone()).expect("engine");

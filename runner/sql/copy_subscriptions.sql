@@ -1,0 +1,1 @@
+COPY (SELECT restaurant_id, client_id FROM public.subscribers_restaurants) TO STDOUT (FORMAT binary)
