@@ -7,7 +7,7 @@ WASM_OUT := build/wasm
 CAMPAIGN_WASM := $(WASM_OUT)/campaign-rules.wasm
 export CAMPAIGN_RULES_WASM := $(abspath $(CAMPAIGN_WASM))
 
-.PHONY: all setup build transforms demo test lint fmt clean
+.PHONY: all setup build transforms demo test bench lint fmt clean
 
 all: build
 
@@ -47,6 +47,12 @@ demo: build
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms
 	cargo test --workspace --no-fail-fast
+
+## Benchmarks (release build; figures, never assertions). Results: bench-results/*.md, *.json.
+BENCH := $(CARGO_TARGET_DIR)/release/bench
+bench: transforms
+	cargo build --release -p bench
+	$(BENCH) cache
 
 lint:
 	cargo fmt --all -- --check

@@ -124,7 +124,7 @@ impl Base {
         (&self.uuid_clients[u], &self.text_clients[t])
     }
 
-    fn contains(&self, restaurant: &str, client: IdRef<'_>) -> bool {
+    pub(crate) fn contains(&self, restaurant: &str, client: IdRef<'_>) -> bool {
         let Some(s) = self.span(restaurant) else {
             return false;
         };
@@ -140,57 +140,105 @@ impl Base {
     }
 }
 
-/// Builds a base from (restaurant, client) rows in any order.
+/// Builds a base from (restaurant, client) rows in any order. Pairs of canonical UUIDs (the
+/// usual case) go to one flat vector, sorted once; pairs with any text id go aside.
 #[derive(Debug, Default)]
 struct BaseBuilder {
-    groups: HashMap<Id, (Vec<u128>, Vec<Box<str>>)>,
+    uuid_pairs: Vec<(u128, u128)>,
+    other: Vec<(Id, Id)>,
     rows: usize,
 }
 
 impl BaseBuilder {
     fn push(&mut self, restaurant: &str, client: &str) {
         self.rows += 1;
-        let key = match canonical_uuid(restaurant) {
-            Some(u) => Id::Uuid(u),
-            None => Id::Text(restaurant.into()),
-        };
-        let g = self.groups.entry(key).or_default();
-        match canonical_uuid(client) {
-            Some(u) => g.0.push(u),
-            None => g.1.push(client.into()),
+        match (canonical_uuid(restaurant), canonical_uuid(client)) {
+            (Some(r), Some(c)) => self.uuid_pairs.push((r, c)),
+            (r, c) => self.other.push((
+                r.map_or_else(|| Id::Text(restaurant.into()), Id::Uuid),
+                c.map_or_else(|| Id::Text(client.into()), Id::Uuid),
+            )),
         }
     }
 
-    fn build(self) -> Base {
-        let total: usize = self.groups.values().map(|g| g.0.len()).sum();
-        let total_text: usize = self.groups.values().map(|g| g.1.len()).sum();
+    fn build(mut self) -> Base {
+        self.uuid_pairs.sort_unstable();
+        self.uuid_pairs.dedup();
+        self.other.sort_unstable();
+        self.other.dedup();
         let mut base = Base {
-            uuid_clients: Vec::with_capacity(total),
-            text_clients: Vec::with_capacity(total_text),
             rows: self.rows,
             ..Base::default()
         };
-        for (restaurant, (mut uuids, mut texts)) in self.groups {
-            uuids.sort_unstable();
-            uuids.dedup();
-            texts.sort_unstable();
-            texts.dedup();
+        base.uuid_clients.reserve_exact(self.uuid_pairs.len());
+        let mut i = 0;
+        while i < self.uuid_pairs.len() {
+            let r = self.uuid_pairs[i].0;
+            let start = base.uuid_clients.len();
+            while i < self.uuid_pairs.len() && self.uuid_pairs[i].0 == r {
+                base.uuid_clients.push(self.uuid_pairs[i].1);
+                i += 1;
+            }
             let span = Span {
-                uuid_start: base.uuid_clients.len() as u32,
-                uuid_len: uuids.len() as u32,
-                text_start: base.text_clients.len() as u32,
-                text_len: texts.len() as u32,
+                uuid_start: start as u32,
+                uuid_len: (base.uuid_clients.len() - start) as u32,
+                ..Span::default()
             };
-            base.uuid_clients.extend_from_slice(&uuids);
-            base.text_clients.extend(texts);
-            match restaurant {
-                Id::Uuid(u) => base.by_uuid.insert(u, span),
-                Id::Text(t) => base.by_text.insert(t, span),
-            };
+            base.by_uuid.insert(r, span);
         }
+        drop(self.uuid_pairs);
+        // Pairs with text: sorted by restaurant, then client (UUIDs before text).
+        let mut i = 0;
+        while i < self.other.len() {
+            let r = self.other[i].0.clone();
+            let (u0, t0) = (base.uuid_clients.len(), base.text_clients.len());
+            while i < self.other.len() && self.other[i].0 == r {
+                match std::mem::replace(&mut self.other[i].1, Id::Uuid(0)) {
+                    Id::Uuid(c) => base.uuid_clients.push(c),
+                    Id::Text(c) => base.text_clients.push(c),
+                }
+                i += 1;
+            }
+            let (u_len, t_len) = (
+                (base.uuid_clients.len() - u0) as u32,
+                (base.text_clients.len() - t0) as u32,
+            );
+            match r {
+                // A UUID restaurant here has text clients only: its UUID clients came first.
+                Id::Uuid(u) => {
+                    let span = base.by_uuid.entry(u).or_default();
+                    span.text_start = t0 as u32;
+                    span.text_len = t_len;
+                }
+                Id::Text(t) => {
+                    let span = Span {
+                        uuid_start: u0 as u32,
+                        uuid_len: u_len,
+                        text_start: t0 as u32,
+                        text_len: t_len,
+                    };
+                    base.by_text.insert(t, span);
+                }
+            }
+        }
+        base.uuid_clients.shrink_to_fit();
+        base.text_clients.shrink_to_fit();
         base.by_uuid.shrink_to_fit();
         base.by_text.shrink_to_fit();
         base
+    }
+}
+
+/// Bytes the snapshot's structures hold (not counting allocator overhead).
+impl Base {
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.uuid_clients.capacity() * size_of::<u128>()
+            + self.text_clients.capacity() * size_of::<Box<str>>()
+            + self.text_clients.iter().map(|t| t.len()).sum::<usize>()
+            + self.by_uuid.capacity() * (size_of::<u128>() + size_of::<Span>() + 1)
+            + self.by_text.capacity() * (size_of::<Box<str>>() + size_of::<Span>() + 1)
+            + self.by_text.keys().map(|k| k.len()).sum::<usize>()
     }
 }
 
@@ -323,6 +371,11 @@ impl Snapshot {
 
     pub fn restaurants(&self) -> usize {
         self.base.by_uuid.len() + self.base.by_text.len()
+    }
+
+    /// Bytes held by the base's structures (allocator overhead excluded).
+    pub fn heap_bytes(&self) -> usize {
+        self.base.heap_bytes()
     }
 
     fn overlay_len(&self) -> usize {

@@ -3,7 +3,8 @@
 
 use tokio_postgres::{Client, NoTls};
 
-const SCHEMA_SQL: &str = include_str!("../sql/schema.sql");
+/// SPEC.md's two tables, exactly (created when absent).
+pub const SCHEMA_SQL: &str = include_str!("../sql/schema.sql");
 const FEED_SQL: &str = include_str!("../sql/subscriptions_feed.sql");
 /// Serialises the schema step between runners starting together.
 const SCHEMA_LOCK: i64 = 0x6361_6d70_6169_676e;

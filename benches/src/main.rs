@@ -1,0 +1,54 @@
+//! `make bench`: each workload sets up its own data on the local PostgreSQL (and Kafka where it
+//! needs one), runs a few times, and prints medians with min–max; results also go to
+//! `bench-results/` as JSON and Markdown. Figures are measured, never asserted.
+
+mod cache;
+mod report;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of the campaign runner")]
+struct Cli {
+    /// A PostgreSQL database where the benchmarks may create their own.
+    #[arg(
+        long,
+        env = "BENCH_PG_ADMIN_URL",
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    )]
+    admin_url: String,
+    /// Where results are written.
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Debug, Subcommand)]
+enum Workload {
+    /// The subscriber cache: load time, rows/s, bytes per subscription, lookups during a reload.
+    Cache {
+        #[arg(long, default_value_t = 10_000_000)]
+        subscriptions: u64,
+        #[arg(long, default_value_t = 100_000)]
+        restaurants: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let report = match cli.workload {
+        Workload::Cache {
+            subscriptions,
+            restaurants,
+            runs,
+        } => cache::run(&cli.admin_url, subscriptions, restaurants, runs).await?,
+    };
+    report.print();
+    report.save(&cli.out)?;
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Outages of the real services. A separate test binary because these tests stop shared
+//! servers: cargo runs test binaries one after another, so nothing else runs meanwhile.
+
+use e2e_tests::*;
+use runner::app::RunOptions;
+use runner::cache::IdRef;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+const NOW: i64 = 1_700_000_000;
+const R1: &str = "123e4567-e89b-12d3-a456-426614174001";
+
+/// The local cluster, as `pg_ctlcluster` names it.
+fn cluster() -> (String, String) {
+    let out = Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters (postgresql-common)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("5432"))
+        .expect("a cluster on port 5432");
+    let mut f = line.split_whitespace();
+    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+}
+
+fn pg_ctl(action: &str) {
+    let (version, name) = cluster();
+    let status = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            &name,
+            action,
+            "-m",
+            "fast",
+        ])
+        .status()
+        .expect("pg_ctlcluster");
+    assert!(status.success(), "pg_ctlcluster {action} failed");
+}
+
+/// Starts PostgreSQL again even when the test fails half-way.
+struct Restart;
+impl Drop for Restart {
+    fn drop(&mut self) {
+        let (version, name) = cluster();
+        let _ = Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect", &version, &name, "start"])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow::Result<()> {
+    let kafka = MockKafka::new(1)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let extra = "[status]\nlisten = \"127.0.0.1:0\"\n";
+    let running = start(
+        config(&kafka, &db, extra),
+        RunOptions {
+            clock: Arc::new(FixedClock(NOW)),
+        },
+    )
+    .await?;
+    let addr = running.status_addr.expect("status endpoint");
+    assert_eq!(http_get(addr, "/health").await?.0, 200);
+
+    let guard = Restart;
+    pg_ctl("stop");
+    assert!(
+        wait_for(Duration::from_secs(20), || running.cache.is_stale()).await,
+        "the cache knows it is stale"
+    );
+    let (code, body) = http_get(addr, "/health").await?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("subscriber_cache_stale"), "{body}");
+    let metrics = http_get(addr, "/metrics").await?.1;
+    assert!(
+        metrics.contains("runner_subscriber_cache_stale 1"),
+        "{metrics}"
+    );
+    // A campaign arriving meanwhile waits: it is not joined against a stale cache.
+    let value = campaign(
+        R1,
+        "00000000-0000-4000-8000-0000000000d1",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka.produce(&[(None, value.as_bytes())]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        running.stats().offsets_stored,
+        0,
+        "nothing settled while the database is down"
+    );
+
+    pg_ctl("start");
+    drop(guard);
+    // The held campaign goes through once the cache is fresh again.
+    assert!(
+        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+            >= 1)
+        .await,
+        "{:?}",
+        running.stats()
+    );
+    assert!(
+        running.stats().cache_resyncs >= 2,
+        "a full resync: {:?}",
+        running.stats()
+    );
+    assert!(!running.cache.is_stale());
+    assert_eq!(http_get(addr, "/health").await?.0, 200);
+
+    // And the cache follows the table again: a subscription added now reaches the next campaign.
+    let c = db.client().await?;
+    db.subscribe_with(&c, "joined-after-restart", R1).await?;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            running
+                .cache
+                .snapshot()
+                .clients(R1)
+                .map(IdRef::to_text)
+                .any(|c| c == "joined-after-restart")
+        })
+        .await
+    );
+    let value = campaign(
+        R1,
+        "00000000-0000-4000-8000-0000000000d2",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka.produce(&[(None, value.as_bytes())]).await?;
+    assert!(
+        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+            >= 2)
+        .await,
+        "{:?}",
+        running.stats()
+    );
+    running.stop().await?;
+    let mut drafts: Vec<(String, String)> = kafka
+        .drafts(4)
+        .await?
+        .iter()
+        .map(|m| {
+            let v = json(m);
+            (
+                v["adv_campaign_id"].as_str().unwrap().to_string(),
+                v["client_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    drafts.sort();
+    let c9 = "923e4567-e89b-12d3-a456-426614174000".to_string();
+    let (d1, d2) = (
+        "00000000-0000-4000-8000-0000000000d1".to_string(),
+        "00000000-0000-4000-8000-0000000000d2".to_string(),
+    );
+    assert_eq!(
+        drafts,
+        [
+            (d1, c9.clone()),
+            (d2.clone(), c9),
+            (d2, "joined-after-restart".to_string())
+        ]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback")
+            .await?,
+        3
+    );
+    Ok(())
+}
