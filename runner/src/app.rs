@@ -7,7 +7,6 @@ use crate::events::{Events, Stats};
 use crate::pipeline::{Clock, Pipeline, SystemClock, Worker};
 use crate::rules::{Evaluator, Reloader, RulesEngine, RulesHandle, SandboxLimits};
 use crate::sink::feedback::FeedbackSink;
-use crate::sink::kafka::KafkaSink;
 use crate::{db, source};
 use anyhow::{Context, Result};
 use std::future::Future;
@@ -82,10 +81,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     .await
     .context("loading subscribers")?;
 
-    let kafka =
-        KafkaSink::new(&config.kafka.producer_config()).context("creating the Kafka producer")?;
-    let consumer = source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
-        .context("creating the Kafka consumer")?;
+    let (consumer, rebalances) =
+        source::subscribe(&config.kafka.consumer_config(), &config.kafka.input_topic)
+            .context("creating the Kafka consumer")?;
 
     let reloader = Reloader::new(
         engine.clone(),
@@ -106,21 +104,25 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         }
         None => None,
     };
-    let pipeline = Pipeline {
-        cfg: config.pipeline.clone(),
-        output_topic: config.kafka.output_topic.clone(),
-        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
-        consumer: Arc::new(consumer),
-        worker: Some(Worker {
+    let instance_id = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
+    let pipeline = Pipeline::new(
+        config.pipeline.clone(),
+        config.kafka.output_topic.clone(),
+        config.kafka.dead_letter_topic.clone(),
+        Arc::new(consumer),
+        rebalances,
+        Worker {
             evaluator: Evaluator::new(rules.clone()),
             clients: Vec::new(),
-        }),
-        cache: cache.clone(),
-        kafka,
-        feedback: FeedbackSink::new(config.postgres_url.clone(), None),
-        events: events.clone(),
-        clock: options.clock,
-    };
+        },
+        cache.clone(),
+        config.kafka.producer_config(),
+        format!("campaign-runner-{}", config.kafka.group_id),
+        instance_id,
+        FeedbackSink::new(config.postgres_url.clone()),
+        events.clone(),
+        options.clock,
+    );
     let pipeline = tokio::spawn(pipeline.run(shutdown_rx, hard_rx));
     tracing::info!(
         brokers = config.kafka.brokers(),
@@ -193,4 +195,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
         .await?
         .run_until(shutdown)
         .await
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "runner".into())
 }

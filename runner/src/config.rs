@@ -217,7 +217,14 @@ impl std::fmt::Debug for KafkaConfig {
 }
 
 /// Properties the runner sets itself because its delivery protocol depends on them.
-const OWNED_CONSUMER_PROPS: &[&str] = &["group.id", "enable.auto.offset.store"];
+const OWNED_CONSUMER_PROPS: &[&str] = &[
+    "group.id",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "isolation.level",
+    "transactional.id",
+    "enable.idempotence",
+];
 
 impl Config {
     pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
@@ -285,9 +292,12 @@ impl RawConfig {
             );
         }
         for key in OWNED_CONSUMER_PROPS {
-            if k.consumer_properties.contains_key(*key) || k.properties.contains_key(*key) {
+            if k.consumer_properties.contains_key(*key)
+                || k.producer_properties.contains_key(*key)
+                || k.properties.contains_key(*key)
+            {
                 problems.push(format!(
-                    "kafka property {key} is set by the runner (offsets follow the sinks); remove it"
+                    "kafka property {key} is set by the runner (its delivery protocol depends on it); remove it"
                 ));
             }
         }
@@ -368,26 +378,28 @@ impl KafkaConfig {
     pub fn consumer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("auto.offset.reset", "earliest");
-        c.set("enable.auto.commit", "true");
-        c.set("auto.commit.interval.ms", "1000");
         for (k, v) in self.common.iter().chain(&self.consumer) {
             c.set(k, v);
         }
         c.set("group.id", &self.group_id);
-        // Offsets are stored by the pipeline only after both sinks took a message's results.
+        // Offsets are committed only inside the Kafka transactions that publish the results.
+        c.set("enable.auto.commit", "false");
         c.set("enable.auto.offset.store", "false");
+        // Never read drafts of aborted transactions (for brokers that enforce it).
+        c.set("isolation.level", "read_committed");
         c
     }
 
     /// Client config for the producer of drafts and dead letters.
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("enable.idempotence", "true");
-        c.set("acks", "all");
         c.set("linger.ms", "5");
         for (k, v) in self.common.iter().chain(&self.producer) {
             c.set(k, v);
         }
+        // Transactions need these; the transactional.id is set per input partition.
+        c.set("enable.idempotence", "true");
+        c.set("acks", "all");
         c
     }
 }

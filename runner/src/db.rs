@@ -6,6 +6,8 @@ use tokio_postgres::{Client, NoTls};
 /// SPEC.md's two tables, exactly (created when absent).
 pub const SCHEMA_SQL: &str = include_str!("../sql/schema.sql");
 const FEED_SQL: &str = include_str!("../sql/subscriptions_feed.sql");
+const DELIVERY_SQL: &str = include_str!("../sql/delivery.sql");
+const DUPLICATES_SQL: &str = include_str!("../sql/feedback_duplicates.sql");
 /// Serialises the schema step between runners starting together.
 const SCHEMA_LOCK: i64 = 0x6361_6d70_6169_676e;
 const COLUMNS_SQL: &str = include_str!("../sql/columns.sql");
@@ -64,6 +66,45 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
 
 /// A column the runner needs and the `information_schema` types it accepts for it.
 type Column = (&'static str, &'static [&'static str]);
+
+/// Creates the unique (adv_campaign_id, client_id) index the delivery protocol relies on, or
+/// says exactly why it cannot: existing duplicates, with the query that lists them.
+async fn ensure_idempotency_key(client: &Client) -> Result<(), DbError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_indexes WHERE schemaname = 'public' AND indexname = 'subscribers_feedback_campaign_client_key'",
+            &[],
+        )
+        .await
+        .map_err(DbError::from_pg)?
+        .is_some();
+    if !exists {
+        let dups = client
+            .query(DUPLICATES_SQL, &[])
+            .await
+            .map_err(DbError::from_pg)?;
+        if let Some(first) = dups.first() {
+            return Err(DbError::Schema {
+                table: "subscribers_feedback",
+                detail: format!(
+                    "it holds duplicate (adv_campaign_id, client_id) pairs (e.g. {} / {}, {} copies), so the unique index \
+                     the delivery protocol needs cannot be created; remove the extra copies, then start again. \
+                     They are listed by:\n{DUPLICATES_SQL}",
+                    first.get::<_, String>(0),
+                    first.get::<_, String>(1),
+                    first.get::<_, i64>(2)
+                ),
+            });
+        }
+    }
+    let script = format!(
+        "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n{DELIVERY_SQL}\nCOMMIT;"
+    );
+    client
+        .batch_execute(&script)
+        .await
+        .map_err(DbError::from_pg)
+}
 
 /// The columns the runner reads or writes, per table.
 const NEEDED: &[(&str, &[Column])] = &[
@@ -125,5 +166,5 @@ pub async fn ensure_schema(client: &Client) -> Result<(), DbError> {
             }
         }
     }
-    Ok(())
+    ensure_idempotency_key(client).await
 }

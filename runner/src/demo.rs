@@ -136,9 +136,9 @@ pub async fn produce(brokers: &str, topic: &str, messages: &[(Option<&str>, &[u8
     Ok(())
 }
 
-/// Reads a topic from the beginning up to its current end (the high watermark of every
-/// partition when the call starts): an exact snapshot of what the topic holds, with no waiting
-/// for messages that may never come. `expected` is only a capacity hint.
+/// Reads a topic from the beginning up to its current end: every partition read until the
+/// consumer reports reaching its end (transaction markers included), so absence is proven
+/// without waiting for messages that may never come. `expected` is only a capacity hint.
 pub async fn read_topic(
     brokers: &str,
     topic: &str,
@@ -149,6 +149,8 @@ pub async fn read_topic(
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .create()?;
     let partitions = {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -156,12 +158,12 @@ pub async fn read_topic(
         t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()
     };
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashMap::new();
+    let mut remaining = std::collections::HashSet::new();
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-            remaining.insert(p, high);
+            remaining.insert(p);
         }
     }
     let mut out = Vec::with_capacity(expected);
@@ -173,12 +175,9 @@ pub async fn read_topic(
     while !remaining.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => {
-                let (p, o) = (m.partition(), m.offset());
-                if remaining.get(&p).is_some_and(|high| o + 1 >= *high) {
-                    remaining.remove(&p);
-                }
-                out.push(m.detach());
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
             }
             Ok(Err(e)) => bail!("reading {topic}: {e}"),
             Err(_) => bail!(

@@ -1,24 +1,26 @@
 //! The data path: campaigns from Kafka → rules (validate, active-now) → join with the cached
 //! subscribers → rules (shape) → both sinks from the same in-memory drafts → input offsets.
 //!
-//! One loop: take a batch (or stop), evaluate it off the async threads, write what it produced
-//! to both sinks concurrently, and only then store the batch's offsets. A batch that produces
-//! many drafts is written in several groups of at most `batch_max_drafts` drafts.
+//! One loop: take a batch (or stop), split it by partition, evaluate each partition's run of
+//! messages off the async threads (in units of at most `batch_max_drafts` drafts), and make
+//! each unit durable with the delivery protocol: PostgreSQL transaction (fence check,
+//! idempotent insert, outbox), then Kafka transaction (records + the input offset), then the
+//! outbox is cleared. README, "Delivery guarantees", argues why nothing is lost or doubled.
 
 use crate::cache::{Snapshot, SubscriberCache};
 use crate::config::PipelineConfig;
 use crate::events::{Events, SkipReason, SourcePos};
 use crate::rules::{Activity, Drafts, Evaluator, RulesIdentity};
-use crate::sink::feedback::{FeedbackRow, FeedbackSink};
-use crate::sink::kafka::{headers, KafkaSink, OutRecord};
-use crate::sink::Abandoned;
-use crate::source::CampaignConsumer;
-use rdkafka::consumer::Consumer;
+use crate::sink::feedback::{CommitError, FeedbackRow, FeedbackSink, Fence, OutboxEntry, Target};
+use crate::sink::kafka::{headers, OutRecord, TxError, TxProducer};
+use crate::sink::{pause, stopped, Abandoned, Backoff};
+use crate::source::{CampaignConsumer, RebalanceEvent, Rebalances};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, VecDeque};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 /// Header names the runner writes. Output drafts and dead letters carry the rules identity and
@@ -86,20 +88,33 @@ struct Evaluated {
     outcome: Outcome,
 }
 
+/// A partition this runner owns: its fence, its transactional producer, and the next offset
+/// to process (messages before it are done).
+struct Owned {
+    fence: Fence,
+    producer: TxProducer,
+    next_offset: i64,
+}
+
 /// Everything the loop owns.
 pub struct Pipeline {
     pub(crate) cfg: PipelineConfig,
     pub(crate) output_topic: String,
     pub(crate) dead_letter_topic: String,
     pub(crate) consumer: Arc<CampaignConsumer>,
+    pub(crate) rebalances: Arc<Rebalances>,
     /// The rules caller and the join's reusable client buffer; moved onto a blocking thread
     /// for each group, so absent only while a group is being evaluated.
     pub(crate) worker: Option<Worker>,
     pub(crate) cache: SubscriberCache,
-    pub(crate) kafka: KafkaSink,
+    pub(crate) producer_config: ClientConfig,
+    /// `transactional.id` = this prefix + topic + partition.
+    pub(crate) transactional_prefix: String,
+    pub(crate) instance_id: String,
     pub(crate) feedback: FeedbackSink,
     pub(crate) events: Arc<Events>,
     pub(crate) clock: Arc<dyn Clock>,
+    owned: HashMap<(String, i32), Owned>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -110,45 +125,85 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// Kafka transactions wait this long for the broker.
+const TX_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Pipeline {
-    /// Runs until `shutdown` turns true, then drains: the batch in hand is finished (unless
-    /// `hard_stop` fires first), the producer flushed and stored offsets committed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: PipelineConfig,
+        output_topic: String,
+        dead_letter_topic: String,
+        consumer: Arc<CampaignConsumer>,
+        rebalances: Arc<Rebalances>,
+        worker: Worker,
+        cache: SubscriberCache,
+        producer_config: ClientConfig,
+        transactional_prefix: String,
+        instance_id: String,
+        feedback: FeedbackSink,
+        events: Arc<Events>,
+        clock: Arc<dyn Clock>,
+    ) -> Pipeline {
+        Pipeline {
+            cfg,
+            output_topic,
+            dead_letter_topic,
+            consumer,
+            rebalances,
+            worker: Some(worker),
+            cache,
+            producer_config,
+            transactional_prefix,
+            instance_id,
+            feedback,
+            events,
+            clock,
+            owned: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown` turns true, then drains: the unit in hand is finished (unless
+    /// `hard_stop` fires first). Offsets need no final commit: each unit's Kafka transaction
+    /// committed its own.
     pub async fn run(
         mut self,
         mut shutdown: watch::Receiver<bool>,
         hard_stop: watch::Receiver<bool>,
     ) {
         loop {
-            let batch = tokio::select! {
+            if *shutdown.borrow() {
+                break;
+            }
+            if self.apply_rebalances(hard_stop.clone()).await.is_err() {
+                break;
+            }
+            let first = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                batch = self.next_batch() => batch,
+                _ = stopped(&mut shutdown) => break,
+                _ = self.rebalances.notify.notified() => continue,
+                m = self.consumer.recv() => m,
             };
+            let first = match first {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let batch = self.fill_batch(first).await;
             if self.process(batch, hard_stop.clone()).await.is_err() {
-                tracing::warn!("Stopping hard: the batch in hand was not completed; its offsets were not stored and it will be consumed again.");
+                tracing::warn!("Stopping hard: the unit in hand was not completed; it is consumed again from the committed offset.");
                 break;
             }
         }
-        self.kafka.flush(std::time::Duration::from_secs(5));
-        crate::source::commit_stored(&*self.consumer);
-        tracing::info!("Pipeline drained; stored offsets committed.");
+        tracing::info!("Pipeline drained.");
     }
 
-    /// Waits for one message, then takes more until the batch is full or the input pauses.
-    async fn next_batch(&self) -> Vec<OwnedMessage> {
-        let mut batch = Vec::new();
-        loop {
-            match self.consumer.recv().await {
-                Ok(m) => {
-                    batch.push(m.detach());
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error.");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+    /// Takes more messages after the first until the batch is full or the input pauses.
+    async fn fill_batch(&self, first: OwnedMessage) -> Vec<OwnedMessage> {
+        let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.cfg.batch_linger;
         while batch.len() < self.cfg.batch_max_messages {
             tokio::select! {
@@ -165,97 +220,409 @@ impl Pipeline {
         batch
     }
 
+    /// Drops revoked partitions and recovers newly assigned ones.
+    async fn apply_rebalances(&mut self, stop: watch::Receiver<bool>) -> Result<(), Abandoned> {
+        for event in self.rebalances.take() {
+            match event {
+                RebalanceEvent::Revoked(parts) => {
+                    for p in parts {
+                        self.owned.remove(&p);
+                    }
+                }
+                RebalanceEvent::Assigned(parts) => {
+                    for (topic, partition) in parts {
+                        if !self.owned.contains_key(&(topic.clone(), partition)) {
+                            self.recover(&topic, partition, stop.clone()).await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a newly assigned partition over: a transactional producer (fencing any earlier
+    /// one), a new fence epoch in PostgreSQL, then the outbox: entries below the committed
+    /// offset were published already and are deleted; the others are published now, in one
+    /// transaction that commits the offset past them.
+    async fn recover(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), Abandoned> {
+        let backoff_max = self.cfg.sink_retry_max_backoff;
+        let tx_id = format!("{}-{topic}-{partition}", self.transactional_prefix);
+        let mut backoff = Backoff::new(backoff_max);
+        let producer = loop {
+            match TxProducer::create(&self.producer_config, &tx_id, TX_TIMEOUT).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    let wait = backoff.step();
+                    self.events.sink_retry("kafka", &e, backoff.attempt, wait);
+                    if !pause(wait, &mut stop).await {
+                        return Err(Abandoned);
+                    }
+                }
+            }
+        };
+        let events = self.events.clone();
+        let fence = match self
+            .feedback
+            .claim(
+                topic,
+                partition,
+                &self.instance_id,
+                &events,
+                backoff_max,
+                &mut stop,
+            )
+            .await
+        {
+            Ok(f) => f,
+            Err(_) => return Err(Abandoned),
+        };
+        let committed = self.committed_offset(topic, partition).await;
+        let outbox = match self
+            .feedback
+            .load_outbox(&fence, &events, backoff_max, &mut stop)
+            .await
+        {
+            Ok(o) => o,
+            Err(_) => return Err(Abandoned),
+        };
+        let pending: Vec<OutboxEntry> = outbox
+            .into_iter()
+            .filter(|e| committed.is_none_or(|c| e.source_offset >= c))
+            .collect();
+        let mut next_offset = committed.unwrap_or(0);
+        if let Some(last) = pending.last().map(|e| e.source_offset) {
+            let records = self.records(&pending);
+            let refs: Vec<OutRecord<'_>> = records
+                .iter()
+                .map(|r| r.as_out(&self.output_topic, &self.dead_letter_topic))
+                .collect();
+            if !self
+                .publish(&producer, topic, partition, last, &refs, &mut stop)
+                .await?
+            {
+                return Ok(());
+            }
+            tracing::info!(
+                topic,
+                partition,
+                entries = pending.len(),
+                records = refs.len(),
+                through = last,
+                "Recovered: outbox published."
+            );
+            next_offset = last + 1;
+            self.seek(topic, partition, next_offset).await;
+        }
+        if let Some(through) = next_offset.checked_sub(1) {
+            let _ = self
+                .feedback
+                .delete_outbox(&fence, through, &events, backoff_max, &mut stop)
+                .await;
+        }
+        tracing::info!(
+            topic,
+            partition,
+            epoch = fence.epoch,
+            next_offset,
+            "Partition taken over."
+        );
+        self.owned.insert(
+            (topic.to_string(), partition),
+            Owned {
+                fence,
+                producer,
+                next_offset,
+            },
+        );
+        Ok(())
+    }
+
+    async fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        let consumer = self.consumer.clone();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let r = tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await;
+        match r {
+            Ok(Ok(tpl)) => tpl.elements().first().and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, topic, partition, "Cannot read the committed offset; publishing the whole outbox.");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Commits `next` the ordinary way too, after the transaction committed it. Redundant on a
+    /// broker that implements transactional offset commits; librdkafka's mock cluster accepts
+    /// TxnOffsetCommit but does not store it, and this is what lets a restart resume there.
+    fn commit_plain(&self, topic: &str, partition: i32, next: i64) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(next))
+            .is_ok()
+        {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, topic, partition, "Plain offset commit failed (the transactional one stands).");
+            }
+        }
+    }
+
+    async fn seek(&self, topic: &str, partition: i32, offset: i64) {
+        let consumer = self.consumer.clone();
+        let t = topic.to_string();
+        let r = tokio::task::spawn_blocking(move || {
+            consumer.seek(
+                &t,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            )
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            // Not fatal: messages before `offset` are skipped by the pipeline anyway.
+            tracing::debug!(error = %e, topic, partition, offset, "Seek after recovery failed.");
+        }
+    }
+
+    /// Publishes records and commits the offset past `last`, in one transaction, retrying
+    /// aborted transactions. Ok(false): fenced, the partition is not ours any more.
+    async fn publish(
+        &self,
+        producer: &TxProducer,
+        topic: &str,
+        partition: i32,
+        last: i64,
+        records: &[OutRecord<'_>],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, Abandoned> {
+        let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
+        loop {
+            let mut offsets = TopicPartitionList::new();
+            if offsets
+                .add_partition_offset(topic, partition, Offset::Offset(last + 1))
+                .is_err()
+            {
+                return Err(Abandoned);
+            }
+            let Some(group) = self.consumer.group_metadata() else {
+                tracing::error!(
+                    "The consumer has no group metadata; cannot commit offsets in a transaction."
+                );
+                return Err(Abandoned);
+            };
+            match producer.publish(records, offsets, group).await {
+                Ok(()) => {
+                    self.commit_plain(topic, partition, last + 1);
+                    return Ok(true);
+                }
+                Err(TxError::Fenced(e)) => {
+                    tracing::warn!(error = %e, topic, partition, "Fenced by a newer owner; leaving the partition to it.");
+                    return Ok(false);
+                }
+                Err(TxError::Retry(e)) => {
+                    let wait = backoff.step();
+                    self.events.sink_retry("kafka", &e, backoff.attempt, wait);
+                    if !pause(wait, stop).await {
+                        return Err(Abandoned);
+                    }
+                }
+            }
+        }
+    }
+
     async fn process(
         &mut self,
         batch: Vec<OwnedMessage>,
         stop: watch::Receiver<bool>,
     ) -> Result<(), Abandoned> {
+        // A rebalance while the batch filled: handle it before touching any of its messages.
+        self.apply_rebalances(stop.clone()).await?;
         self.events.received(batch.len());
-        let mut rest: VecDeque<OwnedMessage> = batch.into();
+        // Per owned partition, in offset order; anything else (revoked, or already done) is
+        // left to whoever owns it.
+        let mut parts: BTreeMap<(String, i32), VecDeque<OwnedMessage>> = BTreeMap::new();
+        let mut ignored = 0;
+        for m in batch {
+            let key = (m.topic().to_string(), m.partition());
+            match self.owned.get(&key) {
+                Some(o) if m.offset() >= o.next_offset => {
+                    parts.entry(key).or_default().push_back(m)
+                }
+                _ => ignored += 1,
+            }
+        }
+        if ignored > 0 {
+            tracing::debug!(
+                ignored,
+                "Messages of partitions not owned, or already done, were left alone."
+            );
+        }
         let mut worker = self
             .worker
             .take()
             .expect("the worker is present between batches");
         // A swap of the rules takes effect here, between batches: one batch, one rules version.
         worker.evaluator.refresh();
-        while !rest.is_empty() {
-            // Never join against a snapshot known to be stale (first load, lost connection).
-            if self.cache.is_stale() {
-                tracing::info!("Waiting for the subscriber cache to be resynchronised.");
-                self.cache.wait_fresh().await;
-            }
-            let started = Instant::now();
-            let snapshot = self.cache.snapshot();
-            let clock = self.clock.clone();
-            let cfg = self.cfg.clone();
-            let (w, group, remaining) = tokio::task::spawn_blocking(move || {
-                let mut w = worker;
-                let group = evaluate_group(&mut w, &mut rest, &snapshot, &*clock, &cfg);
-                (w, (group, snapshot), rest)
-            })
-            .await
-            .expect("rules evaluation does not panic");
-            worker = w;
-            rest = remaining;
-            let (group, snapshot) = group;
-            let identity = worker.evaluator.identity().clone();
-            let written = self
-                .write_group(&group, &identity, snapshot.version(), stop.clone())
-                .await;
-            if written.is_err() {
-                self.worker = Some(worker);
-                return Err(Abandoned);
-            }
-            self.store_offsets(&group);
-            let drafts: usize = group
-                .iter()
-                .map(|e| match &e.outcome {
-                    Outcome::Deliver { drafts, .. } => drafts.drafts.len(),
-                    _ => 0,
+        let mut result = Ok(());
+        'parts: for (key, mut rest) in parts {
+            while !rest.is_empty() {
+                // Never join against a snapshot known to be stale (first load, lost connection).
+                if self.cache.is_stale() {
+                    tracing::info!("Waiting for the subscriber cache to be resynchronised.");
+                    self.cache.wait_fresh().await;
+                }
+                let started = Instant::now();
+                let snapshot = self.cache.snapshot();
+                let clock = self.clock.clone();
+                let cfg = self.cfg.clone();
+                let (w, (group, snapshot), remaining) = tokio::task::spawn_blocking(move || {
+                    let mut w = worker;
+                    let group = evaluate_group(&mut w, &mut rest, &snapshot, &*clock, &cfg);
+                    (w, (group, snapshot), rest)
                 })
-                .sum();
-            self.report(&group, &identity);
-            self.events
-                .batch_committed(group.len(), drafts, started.elapsed());
+                .await
+                .expect("rules evaluation does not panic");
+                worker = w;
+                rest = remaining;
+                let identity = worker.evaluator.identity().clone();
+                match self
+                    .commit_unit(&key, &group, &identity, snapshot.version(), stop.clone())
+                    .await
+                {
+                    Ok(true) => {
+                        let drafts: usize = group
+                            .iter()
+                            .map(|e| match &e.outcome {
+                                Outcome::Deliver { drafts, .. } => drafts.drafts.len(),
+                                _ => 0,
+                            })
+                            .sum();
+                        self.report(&group, &identity);
+                        self.events
+                            .batch_committed(group.len(), drafts, started.elapsed());
+                    }
+                    Ok(false) => continue 'parts,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'parts;
+                    }
+                }
+            }
         }
         self.worker = Some(worker);
-        Ok(())
+        result
     }
 
-    /// Writes the drafts to both sinks and the dead letters to their topic, concurrently.
-    async fn write_group(
+    /// Makes one unit (a run of one partition's messages) durable: PostgreSQL first (drafts,
+    /// outbox), then Kafka (records + offset, one transaction), then the outbox is cleared.
+    /// Ok(false): the partition was taken by another runner; its unit is left to it.
+    async fn commit_unit(
         &mut self,
+        key: &(String, i32),
         group: &[Evaluated],
         rules: &RulesIdentity,
         snapshot_version: u64,
-        stop: watch::Receiver<bool>,
-    ) -> Result<(), Abandoned> {
-        // The subscriber snapshot the group was joined against.
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<bool, Abandoned> {
+        let Some(owned) = self.owned.get(key) else {
+            return Ok(false);
+        };
+        let (fence, producer) = (owned.fence.clone(), owned.producer.clone());
+        let last = group
+            .last()
+            .map(|e| e.pos.offset)
+            .expect("a unit has messages");
+        let (rows, entries) = self.unit_outputs(group, rules, snapshot_version);
+        let events = self.events.clone();
+        let backoff = self.cfg.sink_retry_max_backoff;
+        let kept = match self
+            .feedback
+            .commit(&fence, &rows, &entries, &events, backoff, &mut stop)
+            .await
+        {
+            Ok(kept) => kept,
+            Err(CommitError::Fenced { .. }) => {
+                tracing::warn!(topic = %key.0, partition = key.1, "Fenced in PostgreSQL; leaving the partition to its new owner.");
+                self.owned.remove(key);
+                return Ok(false);
+            }
+            Err(CommitError::Abandoned(a)) => return Err(a),
+        };
+        drop(rows);
+        let records = self.records(&kept);
+        let refs: Vec<OutRecord<'_>> = records
+            .iter()
+            .map(|r| r.as_out(&self.output_topic, &self.dead_letter_topic))
+            .collect();
+        if !self
+            .publish(&producer, &key.0, key.1, last, &refs, &mut stop)
+            .await?
+        {
+            self.owned.remove(key);
+            return Ok(false);
+        }
+        // If this fails the entries stay; the next owner's recovery finds them below the
+        // committed offset and deletes them.
+        let _ = self
+            .feedback
+            .delete_outbox(&fence, last, &events, backoff, &mut stop)
+            .await;
+        if let Some(o) = self.owned.get_mut(key) {
+            o.next_offset = last + 1;
+        }
+        Ok(true)
+    }
+
+    /// The feedback rows and outbox entries of a unit, from its in-memory results.
+    fn unit_outputs<'g>(
+        &self,
+        group: &'g [Evaluated],
+        rules: &RulesIdentity,
+        snapshot_version: u64,
+    ) -> (Vec<FeedbackRow<'g>>, Vec<OutboxEntry>) {
         let snapshot = snapshot_version.to_string();
-        let mut records = Vec::new();
         let mut rows = Vec::new();
+        let mut entries = Vec::new();
         for e in group {
-            let partition = e.pos.partition.to_string();
-            let offset = e.pos.offset.to_string();
+            let source = [
+                (header::SOURCE_TOPIC, e.pos.topic.as_bytes().to_vec()),
+                (
+                    header::SOURCE_PARTITION,
+                    e.pos.partition.to_string().into_bytes(),
+                ),
+                (header::SOURCE_OFFSET, e.pos.offset.to_string().into_bytes()),
+                (header::RULES_VERSION, rules.version.as_bytes().to_vec()),
+                (header::RULES_SHA256, rules.sha256.as_bytes().to_vec()),
+            ];
             match &e.outcome {
                 Outcome::Deliver { drafts, trigger } => {
                     let c = &drafts.campaign;
-                    let h = headers([
-                        (header::RULES_VERSION, rules.version.as_bytes()),
-                        (header::RULES_SHA256, rules.sha256.as_bytes()),
-                        (header::SUBSCRIBERS_SNAPSHOT, snapshot.as_bytes()),
-                        (header::SOURCE_TOPIC, e.pos.topic.as_bytes()),
-                        (header::SOURCE_PARTITION, partition.as_bytes()),
-                        (header::SOURCE_OFFSET, offset.as_bytes()),
-                        (header::ADV_CAMPAIGN_ID, c.adv_campaign_id.as_bytes()),
-                    ]);
+                    let mut headers: Vec<(String, Vec<u8>)> = source
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect();
+                    headers.push((
+                        header::SUBSCRIBERS_SNAPSHOT.into(),
+                        snapshot.as_bytes().to_vec(),
+                    ));
+                    headers.push((
+                        header::ADV_CAMPAIGN_ID.into(),
+                        c.adv_campaign_id.as_bytes().to_vec(),
+                    ));
                     for d in &drafts.drafts {
-                        records.push(OutRecord {
-                            topic: &self.output_topic,
-                            key: Some(d.client_id.as_bytes()),
-                            payload: Some(&d.payload),
-                            headers: h.clone(),
-                        });
                         rows.push(FeedbackRow {
                             restaurant_id: &c.restaurant_id,
                             adv_campaign_id: &c.adv_campaign_id,
@@ -269,6 +636,23 @@ impl Pipeline {
                             trigger_datetime_created: *trigger,
                         });
                     }
+                    entries.push(OutboxEntry {
+                        source_offset: e.pos.offset,
+                        target: Target::Drafts,
+                        campaign_id: Some(c.adv_campaign_id.clone()),
+                        clients: drafts.drafts.iter().map(|d| d.client_id.clone()).collect(),
+                        keys: drafts
+                            .drafts
+                            .iter()
+                            .map(|d| Some(d.client_id.as_bytes().to_vec()))
+                            .collect(),
+                        payloads: drafts
+                            .drafts
+                            .iter()
+                            .map(|d| Some(d.payload.clone()))
+                            .collect(),
+                        headers,
+                    });
                 }
                 Outcome::DeadLetter {
                     code,
@@ -276,62 +660,52 @@ impl Pipeline {
                     field,
                 } => {
                     // The original headers first, then the reason and where the message came from.
-                    let mut pairs: Vec<(&str, &[u8])> = Vec::new();
-                    if let Some(hs) = e.msg.headers() {
-                        for h in hs.iter() {
-                            pairs.push((h.key, h.value.unwrap_or_default()));
-                        }
-                    }
-                    pairs.extend([
-                        (header::DLQ_REASON, code.as_bytes()),
-                        (header::DLQ_DETAIL, detail.as_bytes()),
-                        (header::SOURCE_TOPIC, e.pos.topic.as_bytes()),
-                        (header::SOURCE_PARTITION, partition.as_bytes()),
-                        (header::SOURCE_OFFSET, offset.as_bytes()),
-                        (header::RULES_VERSION, rules.version.as_bytes()),
-                        (header::RULES_SHA256, rules.sha256.as_bytes()),
-                    ]);
+                    let mut headers: Vec<(String, Vec<u8>)> = e
+                        .msg
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    headers.push((header::DLQ_REASON.into(), code.as_bytes().to_vec()));
+                    headers.push((header::DLQ_DETAIL.into(), detail.as_bytes().to_vec()));
+                    headers.extend(source.iter().map(|(k, v)| (k.to_string(), v.clone())));
                     if let Some(f) = field {
-                        pairs.push((header::DLQ_FIELD, f.as_bytes()));
+                        headers.push((header::DLQ_FIELD.into(), f.as_bytes().to_vec()));
                     }
-                    records.push(OutRecord {
-                        topic: &self.dead_letter_topic,
-                        key: e.msg.key(),
-                        payload: e.msg.payload(),
-                        headers: headers(pairs),
+                    entries.push(OutboxEntry {
+                        source_offset: e.pos.offset,
+                        target: Target::DeadLetters,
+                        campaign_id: None,
+                        clients: Vec::new(),
+                        keys: vec![e.msg.key().map(<[u8]>::to_vec)],
+                        payloads: vec![e.msg.payload().map(<[u8]>::to_vec)],
+                        headers,
                     });
                 }
                 Outcome::Skip { .. } => {}
             }
         }
-        let backoff = self.cfg.sink_retry_max_backoff;
-        let (mut stop_k, mut stop_p) = (stop.clone(), stop);
-        let events = &*self.events;
-        let (k, p) = tokio::join!(
-            self.kafka.send_all(&records, events, backoff, &mut stop_k),
-            self.feedback.write_all(&rows, events, backoff, &mut stop_p),
-        );
-        k.and(p)
+        (rows, entries)
     }
 
-    fn store_offsets(&self, group: &[Evaluated]) {
-        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for e in group {
-            let o = next
-                .entry((e.pos.topic.as_str(), e.pos.partition))
-                .or_insert(0);
-            *o = (*o).max(e.pos.offset + 1);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in next {
-            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-                tracing::error!(error = %e, topic, partition, offset, "Could not build the offset list.");
+    /// Kafka records of outbox entries (headers built once per entry).
+    fn records<'e>(&self, entries: &'e [OutboxEntry]) -> Vec<Rec<'e>> {
+        let mut out = Vec::new();
+        for e in entries {
+            let h = headers(e.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            for (k, p) in e.keys.iter().zip(&e.payloads) {
+                out.push(Rec {
+                    target: e.target,
+                    key: k.as_deref(),
+                    payload: p.as_deref(),
+                    headers: h.clone(),
+                });
             }
         }
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
-            // Happens when a partition was revoked meanwhile: its new owner replays it.
-            tracing::warn!(error = %e, "Storing offsets failed.");
-        }
+        out
     }
 
     fn report(&self, group: &[Evaluated], rules: &RulesIdentity) {
@@ -352,6 +726,28 @@ impl Pipeline {
                     self.events.dead_lettered(code, detail, &e.pos, &rules)
                 }
             }
+        }
+    }
+}
+
+/// A record to publish, borrowing from an outbox entry.
+struct Rec<'e> {
+    target: Target,
+    key: Option<&'e [u8]>,
+    payload: Option<&'e [u8]>,
+    headers: rdkafka::message::OwnedHeaders,
+}
+
+impl<'e> Rec<'e> {
+    fn as_out<'a>(&'a self, output: &'a str, dead_letters: &'a str) -> OutRecord<'a> {
+        OutRecord {
+            topic: match self.target {
+                Target::Drafts => output,
+                Target::DeadLetters => dead_letters,
+            },
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers.clone(),
         }
     }
 }

@@ -1,65 +1,87 @@
-//! The campaign source: a Kafka consumer in a consumer group. Offsets are never stored
-//! automatically: the pipeline stores them once both sinks took a batch, and they are committed
-//! periodically, on partition revocation and on shutdown.
+//! The campaign source: a Kafka consumer in a consumer group. Offsets are never committed by
+//! the consumer: they are committed inside the Kafka transactions that publish a partition's
+//! results (see `pipeline.rs`). Rebalances are handed to the pipeline, which recovers a newly
+//! assigned partition before it processes any of its messages.
 
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use std::sync::Mutex;
+use tokio::sync::Notify;
 
-/// Logs rebalances and commits stored offsets before partitions are taken away.
+/// A change of the partitions this consumer owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// Rebalances seen by the consumer, waiting for the pipeline.
 #[derive(Debug, Default)]
-pub struct SourceContext;
+pub struct Rebalances {
+    queue: Mutex<Vec<RebalanceEvent>>,
+    pub notify: Notify,
+}
+
+impl Rebalances {
+    pub fn take(&self) -> Vec<RebalanceEvent> {
+        std::mem::take(&mut *self.queue.lock().expect("rebalance lock"))
+    }
+
+    fn push(&self, e: RebalanceEvent) {
+        self.queue.lock().expect("rebalance lock").push(e);
+        self.notify.notify_one();
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+/// Hands rebalances to the pipeline.
+#[derive(Debug, Default)]
+pub struct SourceContext {
+    pub rebalances: std::sync::Arc<Rebalances>,
+}
 
 impl ClientContext for SourceContext {}
 
-fn describe(tpl: &TopicPartitionList) -> String {
-    tpl.elements()
-        .iter()
-        .map(|e| format!("{}/{}", e.topic(), e.partition()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "Partitions revoked; committing stored offsets.");
-                commit_stored(consumer);
+                tracing::info!(partitions = ?partitions(tpl), "Partitions revoked.");
+                self.rebalances
+                    .push(RebalanceEvent::Revoked(partitions(tpl)));
             }
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "Partitions assigned.")
-            }
+            Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => tracing::trace!(offsets = ?offsets, "Offsets committed."),
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "Offset commit failed; it is retried with the next commit.")
-            }
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = ?partitions(tpl), "Partitions assigned.");
+            self.rebalances
+                .push(RebalanceEvent::Assigned(partitions(tpl)));
         }
-    }
-}
-
-/// Commits what was stored, synchronously. Nothing stored is not an error.
-pub fn commit_stored<C: Consumer<SourceContext>>(consumer: &C) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "Committing stored offsets failed."),
     }
 }
 
 pub type CampaignConsumer = StreamConsumer<SourceContext>;
 
 /// Creates the consumer and subscribes it to the input topic.
-pub fn subscribe(config: &ClientConfig, topic: &str) -> KafkaResult<CampaignConsumer> {
-    let consumer: CampaignConsumer = config.create_with_context(SourceContext)?;
+pub fn subscribe(
+    config: &ClientConfig,
+    topic: &str,
+) -> KafkaResult<(CampaignConsumer, std::sync::Arc<Rebalances>)> {
+    let rebalances = std::sync::Arc::new(Rebalances::default());
+    let consumer: CampaignConsumer = config.create_with_context(SourceContext {
+        rebalances: rebalances.clone(),
+    })?;
     consumer.subscribe(&[topic])?;
-    Ok(consumer)
+    Ok((consumer, rebalances))
 }

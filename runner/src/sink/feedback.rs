@@ -1,16 +1,24 @@
-//! The PostgreSQL feedback sink: one binary COPY per batch inside one transaction, so a batch is
-//! either wholly in `subscribers_feedback` or not at all. Reconnects after a lost connection.
+//! The PostgreSQL side of delivery. One transaction per run of a partition's messages:
+//! check that this runner still owns the partition (fence), insert the drafts idempotently
+//! (binary COPY into a staging table, then `INSERT … ON CONFLICT DO NOTHING RETURNING`), and put
+//! what must reach Kafka — the drafts that were new, the dead letters — in the outbox, from
+//! which it is published and then deleted once Kafka's transaction committed.
 
 use super::{pause, Abandoned, Backoff};
 use crate::db::{self, DbError};
 use crate::events::Events;
-use futures::pin_mut;
+use futures::{pin_mut, TryStreamExt};
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
+const STAGE_SQL: &str = include_str!("../../sql/feedback_stage.sql");
 const COPY_SQL: &str = include_str!("../../sql/copy_feedback.sql");
+const INSERT_SQL: &str = include_str!("../../sql/feedback_insert.sql");
+const COPY_OUTBOX_SQL: &str = "COPY public.campaign_runner_outbox \
+    (topic, partition, source_offset, target, keys, payloads, headers) FROM STDIN (FORMAT binary)";
 
 const COLUMN_TYPES: [Type; 10] = [
     Type::TEXT,
@@ -23,6 +31,15 @@ const COLUMN_TYPES: [Type; 10] = [
     Type::INT8,
     Type::TEXT,
     Type::INT4,
+];
+const OUTBOX_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::TEXT,
+    Type::BYTEA_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::BYTEA,
 ];
 
 /// One feedback row, borrowed from the batch's results. `feedback` stays NULL.
@@ -41,6 +58,113 @@ pub struct FeedbackRow<'a> {
     pub trigger_datetime_created: i32,
 }
 
+/// Where an outbox entry goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Drafts,
+    DeadLetters,
+}
+
+impl Target {
+    fn as_str(self) -> &'static str {
+        match self {
+            Target::Drafts => "drafts",
+            Target::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+/// What one source message sends to Kafka: its drafts (one record per client) or its dead
+/// letter, all with the same headers.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub source_offset: i64,
+    pub target: Target,
+    /// The campaign of the drafts (None for a dead letter).
+    pub campaign_id: Option<String>,
+    /// Per record: the client (drafts only), the key and the value.
+    pub clients: Vec<String>,
+    pub keys: Vec<Option<Vec<u8>>>,
+    pub payloads: Vec<Option<Vec<u8>>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// This runner's claim on an input partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub topic: String,
+    pub partition: i32,
+    pub epoch: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("another runner owns {topic}/{partition} now (our epoch {epoch})")]
+    Fenced {
+        topic: String,
+        partition: i32,
+        epoch: i64,
+    },
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+}
+
+/// Encodes headers as: count (u16), then per header key length (u16), key, value length (u32),
+/// value.
+pub fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(headers.len() as u16).to_be_bytes());
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+pub fn decode_headers(mut b: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h)
+    }
+    let count = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?);
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let kl = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?) as usize;
+        let k = String::from_utf8(take(&mut b, kl)?.to_vec()).ok()?;
+        let vl = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+        out.push((k, take(&mut b, vl)?.to_vec()));
+    }
+    Some(out)
+}
+
+/// Runs `$op` (an expression using the connection `$c`) until it succeeds, is fenced, or the
+/// runner stops; transient failures are retried with backoff on a fresh connection.
+macro_rules! retrying {
+    ($self:ident, $what:expr, $events:expr, $max:expr, $stop:expr, |$c:ident| $op:expr) => {{
+        let mut backoff = Backoff::new($max);
+        loop {
+            let attempt: Result<_, OpError> = match $self.client().await {
+                Ok($c) => $op.await,
+                Err(e) => Err(OpError::Db(e)),
+            };
+            match attempt {
+                Ok(v) => break Ok(v),
+                Err(e) => {
+                    $self
+                        .after_failure(e, $what, &mut backoff, $events, $stop)
+                        .await?
+                }
+            }
+        }
+    }};
+}
+
 #[derive(Debug)]
 pub struct FeedbackSink {
     url: String,
@@ -48,48 +172,203 @@ pub struct FeedbackSink {
 }
 
 impl FeedbackSink {
-    pub fn new(url: String, client: Option<Client>) -> Self {
-        FeedbackSink { url, client }
+    pub fn new(url: String) -> Self {
+        FeedbackSink { url, client: None }
     }
 
-    /// Writes all rows in one transaction, retrying transient failures with a fresh connection
-    /// until it succeeds or `stop` fires. Rows are never half-written.
-    pub async fn write_all(
+    async fn client(&mut self) -> Result<&mut Client, DbError> {
+        let c = match self.client.take().filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => {
+                let c = db::connect(&self.url).await?;
+                c.batch_execute("SET client_min_messages = warning")
+                    .await
+                    .map_err(DbError::from_pg)?;
+                c
+            }
+        };
+        Ok(self.client.insert(c))
+    }
+
+    /// Handles a failed attempt: Err when fenced or stopping, Ok(()) to try again after the
+    /// backoff (with a fresh connection).
+    async fn after_failure(
         &mut self,
-        rows: &[FeedbackRow<'_>],
+        e: OpError,
+        what: &'static str,
+        backoff: &mut Backoff,
         events: &Events,
-        max_backoff: Duration,
         stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), Abandoned> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut backoff = Backoff::new(max_backoff);
-        loop {
-            match self.write_once(rows).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if !e.is_transient() {
-                        tracing::error!(error = %e, "Feedback write failed and will not succeed by retrying; an operator must act. Retrying anyway so nothing is lost.");
-                    }
-                    self.client = None;
-                    let wait = backoff.step();
-                    events.sink_retry("postgres", &e, backoff.attempt, wait);
-                    if !pause(wait, stop).await {
-                        return Err(Abandoned);
-                    }
+    ) -> Result<(), CommitError> {
+        match e {
+            OpError::Fenced(f) => Err(CommitError::Fenced {
+                topic: f.topic,
+                partition: f.partition,
+                epoch: f.epoch,
+            }),
+            OpError::Db(e) => {
+                if !e.is_transient() {
+                    tracing::error!(error = %e, what, "PostgreSQL refused the write; an operator must act. Retrying so nothing is lost.");
+                }
+                self.client = None;
+                let wait = backoff.step();
+                events.sink_retry("postgres", &e, backoff.attempt, wait);
+                if pause(wait, stop).await {
+                    Ok(())
+                } else {
+                    Err(Abandoned.into())
                 }
             }
         }
     }
 
-    async fn write_once(&mut self, rows: &[FeedbackRow<'_>]) -> Result<(), DbError> {
-        let client = match self.client.take().filter(|c| !c.is_closed()) {
-            Some(c) => self.client.insert(c),
-            None => self.client.insert(db::connect(&self.url).await?),
-        };
-        let tx = client.transaction().await.map_err(DbError::from_pg)?;
-        let sink = tx.copy_in(COPY_SQL).await.map_err(DbError::from_pg)?;
+    /// Takes ownership of a partition: bumps its epoch, which fences any earlier owner.
+    pub async fn claim(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        owner: &str,
+        events: &Events,
+        max_backoff: Duration,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Fence, CommitError> {
+        let (topic, owner) = (topic.to_string(), owner.to_string());
+        retrying!(self, "claim", events, max_backoff, stop, |c| async {
+            let row = c
+                .query_one(
+                    "INSERT INTO public.campaign_runner_fences (topic, partition, epoch, owner) VALUES ($1, $2, 1, $3) \
+                     ON CONFLICT (topic, partition) DO UPDATE SET epoch = campaign_runner_fences.epoch + 1, owner = EXCLUDED.owner \
+                     RETURNING epoch",
+                    &[&topic, &partition, &owner],
+                )
+                .await
+                .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
+            Ok(Fence {
+                topic: topic.clone(),
+                partition,
+                epoch: row.get(0),
+            })
+        })
+    }
+
+    /// The outbox of a partition, oldest first.
+    pub async fn load_outbox(
+        &mut self,
+        fence: &Fence,
+        events: &Events,
+        max_backoff: Duration,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Vec<OutboxEntry>, CommitError> {
+        let f = fence.clone();
+        retrying!(self, "load outbox", events, max_backoff, stop, |c| async {
+            let rows = c
+                .query(
+                    "SELECT source_offset, target, keys, payloads, headers FROM public.campaign_runner_outbox \
+                     WHERE topic = $1 AND partition = $2 ORDER BY source_offset, id",
+                    &[&f.topic, &f.partition],
+                )
+                .await
+                .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let keys: Vec<Option<Vec<u8>>> = r.get(2);
+                    OutboxEntry {
+                        source_offset: r.get(0),
+                        target: if r.get::<_, &str>(1) == "drafts" {
+                            Target::Drafts
+                        } else {
+                            Target::DeadLetters
+                        },
+                        campaign_id: None,
+                        clients: Vec::new(),
+                        payloads: r.get(3),
+                        headers: decode_headers(r.get(4)).unwrap_or_default(),
+                        keys,
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Deletes a partition's outbox entries up to `through` (their Kafka transaction committed).
+    pub async fn delete_outbox(
+        &mut self,
+        fence: &Fence,
+        through: i64,
+        events: &Events,
+        max_backoff: Duration,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), CommitError> {
+        let f = fence.clone();
+        retrying!(
+            self,
+            "delete outbox",
+            events,
+            max_backoff,
+            stop,
+            |c| async {
+                c.execute(
+                "DELETE FROM public.campaign_runner_outbox WHERE topic = $1 AND partition = $2 AND source_offset <= $3",
+                &[&f.topic, &f.partition, &through],
+            )
+            .await
+            .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
+                Ok(())
+            }
+        )
+    }
+
+    /// In one transaction: fence check, idempotent insert of `rows`, and the outbox entries of
+    /// what must be published. Draft entries keep only the drafts that were new. Returns the
+    /// entries as written to the outbox.
+    pub async fn commit(
+        &mut self,
+        fence: &Fence,
+        rows: &[FeedbackRow<'_>],
+        entries: &[OutboxEntry],
+        events: &Events,
+        max_backoff: Duration,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Vec<OutboxEntry>, CommitError> {
+        retrying!(self, "commit", events, max_backoff, stop, |c| commit_once(
+            c, fence, rows, entries
+        ))
+    }
+}
+
+enum OpError {
+    Db(DbError),
+    Fenced(Fence),
+}
+
+impl From<tokio_postgres::Error> for OpError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        OpError::Db(DbError::from_pg(e))
+    }
+}
+
+async fn commit_once(
+    client: &mut Client,
+    fence: &Fence,
+    rows: &[FeedbackRow<'_>],
+    entries: &[OutboxEntry],
+) -> Result<Vec<OutboxEntry>, OpError> {
+    let tx = client.transaction().await?;
+    let current: Option<i64> = tx
+        .query_opt(
+            "SELECT epoch FROM public.campaign_runner_fences WHERE topic = $1 AND partition = $2 FOR UPDATE",
+            &[&fence.topic, &fence.partition],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if current != Some(fence.epoch) {
+        return Err(OpError::Fenced(fence.clone()));
+    }
+    let mut new_pairs: HashSet<(String, String)> = HashSet::new();
+    if !rows.is_empty() {
+        tx.batch_execute(STAGE_SQL).await?;
+        let sink = tx.copy_in(COPY_SQL).await?;
         let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
         pin_mut!(writer);
         for r in rows {
@@ -105,14 +384,72 @@ impl FeedbackSink {
                 &r.client_id,
                 &r.trigger_datetime_created,
             ];
-            writer
-                .as_mut()
-                .write(&values)
-                .await
-                .map_err(DbError::from_pg)?;
+            writer.as_mut().write(&values).await?;
         }
-        writer.finish().await.map_err(DbError::from_pg)?;
-        tx.commit().await.map_err(DbError::from_pg)?;
-        Ok(())
+        writer.finish().await?;
+        let inserted = tx.query_raw(INSERT_SQL, std::iter::empty::<i32>()).await?;
+        pin_mut!(inserted);
+        while let Some(row) = inserted.try_next().await? {
+            new_pairs.insert((row.get(0), row.get(1)));
+        }
+    }
+    // Only new drafts are published: a draft already in the table was published before.
+    let kept: Vec<OutboxEntry> = entries
+        .iter()
+        .filter_map(|e| match (&e.target, &e.campaign_id) {
+            (Target::Drafts, Some(campaign)) => {
+                let keep: Vec<usize> = (0..e.clients.len())
+                    .filter(|&i| new_pairs.contains(&(campaign.clone(), e.clients[i].clone())))
+                    .collect();
+                (!keep.is_empty()).then(|| OutboxEntry {
+                    clients: keep.iter().map(|&i| e.clients[i].clone()).collect(),
+                    keys: keep.iter().map(|&i| e.keys[i].clone()).collect(),
+                    payloads: keep.iter().map(|&i| e.payloads[i].clone()).collect(),
+                    ..e.clone()
+                })
+            }
+            _ => Some(e.clone()),
+        })
+        .collect();
+    if !kept.is_empty() {
+        let sink = tx.copy_in(COPY_OUTBOX_SQL).await?;
+        let writer = BinaryCopyInWriter::new(sink, &OUTBOX_TYPES);
+        pin_mut!(writer);
+        for e in &kept {
+            let headers = encode_headers(&e.headers);
+            let values: [&(dyn ToSql + Sync); 7] = [
+                &fence.topic,
+                &fence.partition,
+                &e.source_offset,
+                &e.target.as_str(),
+                &e.keys,
+                &e.payloads,
+                &headers,
+            ];
+            writer.as_mut().write(&values).await?;
+        }
+        writer.finish().await?;
+    }
+    tx.commit().await?;
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip() {
+        let h = vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("dlq-detail".to_string(), vec![0, 255, 10]),
+            ("e".into(), vec![]),
+        ];
+        assert_eq!(decode_headers(&encode_headers(&h)), Some(h));
+        assert_eq!(
+            decode_headers(&[0, 1, 0]),
+            None,
+            "truncated input is refused"
+        );
     }
 }

@@ -1,12 +1,13 @@
-//! Kafka output: drafts to the output topic and dead letters to their topic, through one
-//! idempotent producer. Records borrow from the batch's in-memory results (computed once).
+//! Kafka output through transactions: one transactional producer per owned input partition
+//! (its `transactional.id` names the group and the partition, so a new owner's
+//! `init_transactions` fences a zombie). Each transaction carries the drafts and dead letters of
+//! a run of that partition's messages and commits the consumer group's offset past them.
 
-use super::{pause, Abandoned, Backoff};
-use crate::events::Events;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, TopicPartitionList};
 use std::time::Duration;
 
 /// One record to produce, borrowing its bytes.
@@ -30,104 +31,147 @@ pub fn headers<'v>(pairs: impl IntoIterator<Item = (&'v str, &'v [u8])>) -> Owne
         })
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// Another instance owns the partition now (or the producer failed fatally): stop writing
+    /// for it; the new owner takes over from what is committed.
+    #[error("the transaction was fenced or failed fatally: {0}")]
+    Fenced(KafkaError),
+    /// The transaction was aborted (or never committed): nothing of it is visible; try again.
+    #[error("the transaction failed and was aborted: {0}")]
+    Retry(KafkaError),
+}
+
+fn classify(e: KafkaError) -> TxError {
+    let fatal = match &e {
+        KafkaError::Transaction(r) => r.is_fatal(),
+        other => matches!(
+            other.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
+        ),
+    };
+    if fatal {
+        TxError::Fenced(e)
+    } else {
+        TxError::Retry(e)
+    }
+}
+
+/// The transactional producer of one input partition.
 #[derive(Clone)]
-pub struct KafkaSink {
+pub struct TxProducer {
     producer: FutureProducer,
+    timeout: Duration,
 }
 
-impl std::fmt::Debug for KafkaSink {
+impl std::fmt::Debug for TxProducer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink").finish_non_exhaustive()
+        f.debug_struct("TxProducer").finish_non_exhaustive()
     }
 }
 
-impl KafkaSink {
-    pub fn new(config: &ClientConfig) -> Result<KafkaSink, KafkaError> {
-        Ok(KafkaSink {
-            producer: config.create()?,
-        })
+impl TxProducer {
+    /// Creates the producer and initialises its transactions, which fences any earlier producer
+    /// with the same id and aborts its open transaction.
+    pub async fn create(
+        base: &ClientConfig,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> Result<TxProducer, KafkaError> {
+        let mut config = base.clone();
+        config.set("transactional.id", transactional_id);
+        let producer: FutureProducer = config.create()?;
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(TxProducer { producer, timeout })
     }
 
-    /// Produces every record and waits for every acknowledgement. A record whose delivery
-    /// fails is produced again after a backoff (only that record), until all are acknowledged
-    /// or `stop` fires.
-    pub async fn send_all(
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&FutureProducer, Duration) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), KafkaError> {
+        let p = self.producer.clone();
+        let t = self.timeout;
+        tokio::task::spawn_blocking(move || f(&p, t))
+            .await
+            .map_err(|_| KafkaError::Canceled)?
+    }
+
+    async fn abort(&self) {
+        if let Err(e) = self.blocking(|p, t| p.abort_transaction(t)).await {
+            tracing::warn!(error = %e, "Aborting the Kafka transaction failed.");
+        }
+    }
+
+    /// Produces every record and commits `offsets` for the group, all in one transaction.
+    pub async fn publish(
         &self,
         records: &[OutRecord<'_>],
-        events: &Events,
-        max_backoff: Duration,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), Abandoned> {
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut backoff = Backoff::new(max_backoff);
-        while !pending.is_empty() {
-            let mut inflight = Vec::with_capacity(pending.len());
-            let mut failed = Vec::new();
-            let mut first_error: Option<KafkaError> = None;
-            for &i in &pending {
-                let r = &records[i];
-                loop {
-                    let mut rec =
-                        FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
-                    if let Some(k) = r.key {
-                        rec = rec.key(k);
+        offsets: TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> Result<(), TxError> {
+        self.producer.begin_transaction().map_err(classify)?;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in records {
+            loop {
+                let mut rec = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
+                if let Some(k) = r.key {
+                    rec = rec.key(k);
+                }
+                if let Some(p) = r.payload {
+                    rec = rec.payload(p);
+                }
+                match self.producer.send_result(rec) {
+                    Ok(f) => {
+                        deliveries.push(f);
+                        break;
                     }
-                    if let Some(p) = r.payload {
-                        rec = rec.payload(p);
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    match self.producer.send_result(rec) {
-                        Ok(f) => {
-                            inflight.push((i, f));
-                            break;
-                        }
-                        // The local queue is full: let deliveries drain, then try again.
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                        Err((e, _)) => {
-                            first_error.get_or_insert(e);
-                            failed.push(i);
-                            break;
-                        }
+                    Err((e, _)) => {
+                        self.abort().await;
+                        return Err(classify(e));
                     }
                 }
             }
-            for (i, f) in inflight {
-                match f.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => {
-                        first_error.get_or_insert(e);
-                        failed.push(i);
-                    }
-                    Err(_canceled) => {
-                        first_error.get_or_insert(KafkaError::Canceled);
-                        failed.push(i);
-                    }
+        }
+        let mut failed = None;
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(KafkaError::Canceled);
                 }
             }
-            if failed.is_empty() {
-                return Ok(());
+        }
+        if let Some(e) = failed {
+            self.abort().await;
+            return Err(classify(e));
+        }
+        let sent = self
+            .blocking(move |p, t| p.send_offsets_to_transaction(&offsets, &group, t))
+            .await;
+        let committed = match sent {
+            Ok(()) => self.blocking(|p, t| p.commit_transaction(t)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            let e = classify(e);
+            if matches!(e, TxError::Retry(_)) {
+                self.abort().await;
             }
-            let wait = backoff.step();
-            let e = first_error.expect("a failure has an error");
-            events.sink_retry(
-                "kafka",
-                &format_args!("{} of {} records failed: {e}", failed.len(), pending.len()),
-                backoff.attempt,
-                wait,
-            );
-            if !pause(wait, stop).await {
-                return Err(Abandoned);
-            }
-            pending = failed;
+            return Err(e);
         }
         Ok(())
-    }
-
-    /// Waits for everything queued to be delivered (shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
-            tracing::warn!(error = %e, "Producer flush did not finish.");
-        }
     }
 }

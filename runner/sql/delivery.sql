@@ -1,0 +1,32 @@
+-- The runner's delivery protocol objects (README, "Delivery guarantees"). SPEC.md's tables
+-- keep their columns; subscribers_feedback gets a unique index (the idempotency key).
+
+-- One row per (campaign, client): a replayed batch inserts nothing twice.
+CREATE UNIQUE INDEX IF NOT EXISTS subscribers_feedback_campaign_client_key
+    ON public.subscribers_feedback (adv_campaign_id, client_id);
+
+-- What was committed to PostgreSQL and must reach Kafka: one row per source message, deleted
+-- once the Kafka transaction that published it (and committed its offset) has committed.
+CREATE TABLE IF NOT EXISTS public.campaign_runner_outbox (
+    id bigserial PRIMARY KEY,
+    topic text NOT NULL,
+    partition int4 NOT NULL,
+    source_offset int8 NOT NULL,
+    -- 'drafts' (one record per element of keys/payloads) or 'dead_letters' (one record).
+    target text NOT NULL,
+    keys bytea[] NOT NULL,
+    payloads bytea[] NOT NULL,
+    -- The records' headers, encoded (runner/src/sink/feedback.rs, encode_headers).
+    headers bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS campaign_runner_outbox_partition
+    ON public.campaign_runner_outbox (topic, partition, source_offset);
+
+-- Who owns an input partition: a writer holding an older epoch is a zombie and is refused.
+CREATE TABLE IF NOT EXISTS public.campaign_runner_fences (
+    topic text NOT NULL,
+    partition int4 NOT NULL,
+    epoch int8 NOT NULL,
+    owner text NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
