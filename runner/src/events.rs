@@ -52,6 +52,7 @@ pub struct Events {
     batches: AtomicU64,
     sink_retries: AtomicU64,
     cache_resyncs: AtomicU64,
+    partitions_fenced: AtomicU64,
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
     pub(crate) cache_stale: AtomicBool,
@@ -87,6 +88,8 @@ pub struct Stats {
     pub sink_retries: u64,
     /// Full loads of the subscriber table (the first one included).
     pub cache_resyncs: u64,
+    /// Partitions given up because another runner claimed them (zombie fencing).
+    pub partitions_fenced: u64,
     pub skipped: BTreeMap<&'static str, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
     pub cache_stale: bool,
@@ -120,11 +123,17 @@ impl Events {
             batches: self.batches.load(Ordering::Relaxed),
             sink_retries: self.sink_retries.load(Ordering::Relaxed),
             cache_resyncs: self.cache_resyncs.load(Ordering::Relaxed),
+            partitions_fenced: self.partitions_fenced.load(Ordering::Relaxed),
             skipped: self.skipped.lock().expect("stats lock").clone(),
             dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
             cache_stale: self.cache_stale.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
         }
+    }
+
+    pub fn fenced(&self, topic: &str, partition: i32, sink: &'static str) {
+        tracing::warn!(topic, partition, sink, "Fenced: another runner owns the partition now; leaving it to that runner, writing nothing more for it.");
+        self.partitions_fenced.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn cache_resynced(&self) {

@@ -429,7 +429,8 @@ impl Pipeline {
                     return Ok(true);
                 }
                 Err(TxError::Fenced(e)) => {
-                    tracing::warn!(error = %e, topic, partition, "Fenced by a newer owner; leaving the partition to it.");
+                    tracing::warn!(error = %e, topic, partition, "The Kafka transaction was fenced.");
+                    self.events.fenced(topic, partition, "kafka");
                     return Ok(false);
                 }
                 Err(TxError::Retry(e)) => {
@@ -555,7 +556,7 @@ impl Pipeline {
         {
             Ok(kept) => kept,
             Err(CommitError::Fenced { .. }) => {
-                tracing::warn!(topic = %key.0, partition = key.1, "Fenced in PostgreSQL; leaving the partition to its new owner.");
+                self.events.fenced(&key.0, key.1, "postgres");
                 self.owned.remove(key);
                 return Ok(false);
             }

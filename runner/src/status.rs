@@ -122,6 +122,11 @@ pub fn render_metrics(s: &Stats) -> String {
         &one(s.sink_retries),
     );
     counter(
+        "partitions_fenced_total",
+        "Partitions given up because another runner claimed them.",
+        &one(s.partitions_fenced),
+    );
+    counter(
         "subscriber_resyncs_total",
         "Full loads of the subscriber table.",
         &one(s.cache_resyncs),

@@ -393,13 +393,14 @@ async fn commit_once(
             new_pairs.insert((row.get(0), row.get(1)));
         }
     }
-    // Only new drafts are published: a draft already in the table was published before.
+    // Only new drafts are published: a draft already in the table was published before. Each
+    // new pair goes to the first entry that has it (the same campaign twice in one unit).
     let kept: Vec<OutboxEntry> = entries
         .iter()
         .filter_map(|e| match (&e.target, &e.campaign_id) {
             (Target::Drafts, Some(campaign)) => {
                 let keep: Vec<usize> = (0..e.clients.len())
-                    .filter(|&i| new_pairs.contains(&(campaign.clone(), e.clients[i].clone())))
+                    .filter(|&i| new_pairs.remove(&(campaign.clone(), e.clients[i].clone())))
                     .collect();
                 (!keep.is_empty()).then(|| OutboxEntry {
                     clients: keep.iter().map(|&i| e.clients[i].clone()).collect(),

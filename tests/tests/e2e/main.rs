@@ -3,6 +3,7 @@
 
 mod cache;
 mod dead_letters;
+mod delivery;
 mod hot_swap;
 mod operator;
 mod pipeline;

@@ -1,0 +1,377 @@
+//! The delivery protocol on the Kafka protocol's in-process mock cluster: duplicates in the
+//! input, work committed to PostgreSQL but not to Kafka (a crash between the two), a zombie
+//! fenced off, and a graceful SIGTERM of the real binary. (Kill -9 loops and outages against
+//! a real broker process are separate: the mock shows aborted transactions to readers.)
+
+use e2e_tests::*;
+use rdkafka::message::Message;
+use runner::app::RunOptions;
+use runner::sink::feedback::{FeedbackRow, FeedbackSink, OutboxEntry, Target};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const NOW: i64 = 1_700_000_000;
+const R0: &str = "123e4567-e89b-12d3-a456-426614174000";
+const R1: &str = "123e4567-e89b-12d3-a456-426614174001";
+
+fn fixed() -> RunOptions {
+    RunOptions {
+        clock: Arc::new(FixedClock(NOW)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Result<()> {
+    let kafka = MockKafka::new(2)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let running = start(config(&kafka, &db, ""), fixed()).await?;
+    let value = campaign(
+        R1,
+        "00000000-0000-4000-8000-0000000000e1",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka
+        .produce(&[(Some("a"), value.as_bytes()), (Some("b"), value.as_bytes())])
+        .await?;
+    assert!(
+        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+            >= 2)
+        .await
+    );
+    // A subscriber joins, and the same campaign is published a third time: only the newcomer
+    // gets a draft.
+    db.subscribe_with(&db.client().await?, "newcomer", R1)
+        .await?;
+    assert!(
+        wait_for(Duration::from_secs(5), || running
+            .cache
+            .snapshot()
+            .clients(R1)
+            .count()
+            == 2)
+        .await
+    );
+    kafka.produce(&[(Some("c"), value.as_bytes())]).await?;
+    assert!(
+        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+            >= 3)
+        .await
+    );
+    running.stop().await?;
+    let mut clients: Vec<String> = kafka
+        .drafts(3)
+        .await?
+        .iter()
+        .map(|m| json(m)["client_id"].as_str().unwrap().to_string())
+        .collect();
+    clients.sort();
+    assert_eq!(
+        clients,
+        ["923e4567-e89b-12d3-a456-426614174000", "newcomer"]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback")
+            .await?,
+        2
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -> anyhow::Result<()>
+{
+    let kafka = MockKafka::new(1)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let campaign_id = "00000000-0000-4000-8000-0000000000e2";
+    let value = campaign(R0, campaign_id, NOW - 10, NOW + 10);
+    kafka.produce(&[(None, value.as_bytes())]).await?;
+
+    // A runner that crashed right after its PostgreSQL transaction: rows and outbox committed,
+    // the Kafka transaction never committed.
+    let events = runner::events::Events::default();
+    let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let mut sink = FeedbackSink::new(db.url.clone());
+    let fence = sink
+        .claim(
+            &kafka.input,
+            0,
+            "crashed-runner",
+            &events,
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+    let clients: Vec<String> = SPEC_SUBSCRIBERS
+        .iter()
+        .filter(|(_, r)| *r == R0)
+        .map(|(c, _)| c.to_string())
+        .collect();
+    let rows: Vec<FeedbackRow<'_>> = clients
+        .iter()
+        .map(|c| FeedbackRow {
+            restaurant_id: R0,
+            adv_campaign_id: campaign_id,
+            adv_campaign_content: "from the crashed runner",
+            adv_campaign_owner: "o",
+            adv_campaign_owner_contact: "c",
+            adv_campaign_datetime_start: NOW - 10,
+            adv_campaign_datetime_end: NOW + 10,
+            datetime_created: NOW - 110,
+            client_id: c,
+            trigger_datetime_created: (NOW - 5) as i32,
+        })
+        .collect();
+    let entry = OutboxEntry {
+        source_offset: 0,
+        target: Target::Drafts,
+        campaign_id: Some(campaign_id.to_string()),
+        clients: clients.clone(),
+        keys: clients
+            .iter()
+            .map(|c| Some(c.as_bytes().to_vec()))
+            .collect(),
+        payloads: clients
+            .iter()
+            .map(|c| Some(format!("outbox draft for {c}").into_bytes()))
+            .collect(),
+        headers: vec![("rules-version".into(), b"campaign-rules 1.0.0".to_vec())],
+    };
+    let kept = sink
+        .commit(
+            &fence,
+            &rows,
+            &[entry],
+            &events,
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+    assert_eq!(kept[0].clients.len(), 8);
+    assert_eq!(
+        db.count("SELECT count(*) FROM campaign_runner_outbox")
+            .await?,
+        1
+    );
+
+    // The next owner takes the partition over.
+    let running = start(config(&kafka, &db, ""), fixed()).await?;
+    let cleared = wait_for_async(Duration::from_secs(20), || {
+        let db = db.clone();
+        async move {
+            db.count("SELECT count(*) FROM campaign_runner_outbox")
+                .await
+                .unwrap_or(1)
+                == 0
+        }
+    })
+    .await;
+    assert!(cleared, "the outbox was published and cleared");
+    // Give the replayed message a chance to be (wrongly) processed again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats = running.stop().await?;
+    assert_eq!(
+        stats.campaigns_delivered, 0,
+        "message 0 is done: not evaluated again: {stats:?}"
+    );
+    let drafts = kafka.drafts(9).await?;
+    assert_eq!(drafts.len(), 8, "each draft exactly once");
+    for m in &drafts {
+        let client = std::str::from_utf8(m.key().unwrap())?;
+        assert_eq!(
+            m.payload(),
+            Some(format!("outbox draft for {client}").as_bytes()),
+            "published from the outbox"
+        );
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback")
+            .await?,
+        8
+    );
+    assert_eq!(
+        db.count("SELECT epoch FROM campaign_runner_fences").await?,
+        2,
+        "the new owner bumped the epoch"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()> {
+    let kafka = MockKafka::new(1)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let running = start(config(&kafka, &db, ""), fixed()).await?;
+    let first = campaign(
+        R0,
+        "00000000-0000-4000-8000-0000000000f1",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka.produce(&[(None, first.as_bytes())]).await?;
+    assert!(
+        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+            >= 1)
+        .await
+    );
+    // Another runner claims the partition (as after a rebalance this one missed): this one is
+    // now a zombie and must not write.
+    let events = runner::events::Events::default();
+    let (_tx, mut stop) = tokio::sync::watch::channel(false);
+    FeedbackSink::new(db.url.clone())
+        .claim(
+            &kafka.input,
+            0,
+            "usurper",
+            &events,
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+    let second = campaign(
+        R0,
+        "00000000-0000-4000-8000-0000000000f2",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka.produce(&[(None, second.as_bytes())]).await?;
+    assert!(
+        wait_for(Duration::from_secs(20), || running
+            .stats()
+            .partitions_fenced
+            >= 1)
+        .await,
+        "{:?}",
+        running.stats()
+    );
+    running.stop().await?;
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id LIKE '%f2'")
+            .await?,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM campaign_runner_outbox")
+            .await?,
+        0
+    );
+    let drafts = kafka.drafts(17).await?;
+    assert_eq!(drafts.len(), 8, "only the first campaign's drafts");
+    Ok(())
+}
+
+/// The runner binary next to this test binary (cargo builds it for the runner's own tests).
+fn runner_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/debug");
+    let bin = dir.join("runner");
+    assert!(
+        bin.exists(),
+        "{} is missing: build with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero_and_the_next_start_doubles_nothing() -> anyhow::Result<()> {
+    let kafka = MockKafka::new(2)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("runner.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{}\"\noutput_topic = \"{}\"\ndead_letter_topic = \"{}\"\n\
+             group_id = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\n[pipeline]\nshutdown_timeout = \"20s\"\n",
+            kafka.brokers,
+            kafka.input,
+            kafka.output,
+            kafka.dlq,
+            unique("group"),
+            db.url,
+            rules_wasm().display()
+        ),
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let ids: Vec<String> = (0..10)
+        .map(|i| format!("00000000-0000-4000-8000-{:012}", 900 + i))
+        .collect();
+    let values: Vec<String> = ids
+        .iter()
+        .map(|id| campaign(R0, id, now - 3600, now + 3600))
+        .collect();
+    let spawn = || {
+        std::process::Command::new(runner_binary())
+            .args(["--log", "warn", "run", "--config", file.to_str().unwrap()])
+            .spawn()
+            .expect("runner starts")
+    };
+    let rows = |n: i64| {
+        let db = db.clone();
+        async move {
+            wait_for_async(Duration::from_secs(40), || {
+                let db = db.clone();
+                async move {
+                    db.count("SELECT count(*) FROM subscribers_feedback")
+                        .await
+                        .unwrap_or(-1)
+                        >= n
+                }
+            })
+            .await
+        }
+    };
+    for (round, chunk) in values.chunks(5).enumerate() {
+        let mut child = spawn();
+        let batch: Vec<(Option<&str>, &[u8])> =
+            chunk.iter().map(|v| (None, v.as_bytes())).collect();
+        kafka.produce(&batch).await?;
+        assert!(
+            rows(8 * 5 * (round as i64 + 1)).await,
+            "round {round}: the campaigns reached PostgreSQL"
+        );
+        let pid = child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success());
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(25),
+                "exits within the shutdown deadline"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status.code(), Some(0), "SIGTERM is a clean exit");
+    }
+    let drafts = kafka.drafts(81).await?;
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &drafts {
+        *per.entry(json(m)["adv_campaign_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per.len(), 10);
+    assert!(
+        per.values().all(|n| *n == 8),
+        "nothing lost, nothing doubled: {per:?}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback")
+            .await?,
+        80
+    );
+    Ok(())
+}
