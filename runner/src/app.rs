@@ -104,6 +104,12 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         }
         None => None,
     };
+    let probe = tokio::spawn(probe_kafka(
+        consumer_probe_config(&config),
+        config.kafka.input_topic.clone(),
+        events.clone(),
+        shutdown_rx.clone(),
+    ));
     let instance_id = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
     let pipeline = Pipeline::new(
         config.pipeline.clone(),
@@ -141,10 +147,15 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         shutdown: shutdown_tx,
         hard_stop: hard_tx,
         pipeline,
-        background: [Some(follower), Some(reloader_task), status.map(|(_, t)| t)]
-            .into_iter()
-            .flatten()
-            .collect(),
+        background: [
+            Some(follower),
+            Some(reloader_task),
+            Some(probe),
+            status.map(|(_, t)| t),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         shutdown_timeout: config.pipeline.shutdown_timeout,
     })
 }
@@ -201,4 +212,53 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "runner".into())
+}
+
+fn consumer_probe_config(config: &Config) -> rdkafka::ClientConfig {
+    let mut c = config.kafka.consumer_config();
+    // The probe only asks for metadata; it never joins the group.
+    c.set("group.id", format!("{}-probe", config.kafka.group_id));
+    c
+}
+
+/// Asks the broker for the input topic's metadata every 2 s; an unanswered probe marks Kafka
+/// unreachable (health degraded) until one is answered again. A broker that is frozen or cut
+/// off is seen this way even when no write is in flight.
+async fn probe_kafka(
+    config: rdkafka::ClientConfig,
+    topic: String,
+    events: Arc<Events>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::Ordering;
+    let client: BaseConsumer = match config.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot create the Kafka probe; reachability is not reported.");
+            return;
+        }
+    };
+    let client = Arc::new(client);
+    loop {
+        let c = client.clone();
+        let t = topic.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        let was = events.kafka_unreachable.swap(!ok, Ordering::Relaxed);
+        if was == ok {
+            if ok {
+                tracing::info!("Kafka answers again.");
+            } else {
+                tracing::warn!("Kafka does not answer metadata requests; health is degraded.");
+            }
+        }
+        tokio::select! {
+            _ = crate::sink::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }

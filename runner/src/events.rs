@@ -56,6 +56,9 @@ pub struct Events {
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
     pub(crate) cache_stale: AtomicBool,
+    kafka_failing: AtomicBool,
+    postgres_failing: AtomicBool,
+    pub(crate) kafka_unreachable: AtomicBool,
     rules: Mutex<RulesStatus>,
 }
 
@@ -93,6 +96,11 @@ pub struct Stats {
     pub skipped: BTreeMap<&'static str, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
     pub cache_stale: bool,
+    /// A sink is failing and being retried (cleared by the next unit that commits).
+    pub kafka_failing: bool,
+    pub postgres_failing: bool,
+    /// The broker did not answer the last metadata probe.
+    pub kafka_unreachable: bool,
     pub rules: RulesStatus,
 }
 
@@ -127,6 +135,9 @@ impl Events {
             skipped: self.skipped.lock().expect("stats lock").clone(),
             dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
             cache_stale: self.cache_stale.load(Ordering::Relaxed),
+            kafka_failing: self.kafka_failing.load(Ordering::Relaxed),
+            postgres_failing: self.postgres_failing.load(Ordering::Relaxed),
+            kafka_unreachable: self.kafka_unreachable.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
         }
     }
@@ -211,6 +222,8 @@ impl Events {
     }
 
     pub fn batch_committed(&self, messages: usize, drafts: usize, elapsed: std::time::Duration) {
+        self.kafka_failing.store(false, Ordering::Relaxed);
+        self.postgres_failing.store(false, Ordering::Relaxed);
         tracing::debug!(
             messages,
             drafts,
@@ -229,6 +242,10 @@ impl Events {
         attempt: u32,
         backoff: std::time::Duration,
     ) {
+        match sink {
+            "kafka" => self.kafka_failing.store(true, Ordering::Relaxed),
+            _ => self.postgres_failing.store(true, Ordering::Relaxed),
+        }
         tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
         self.sink_retries.fetch_add(1, Ordering::Relaxed);
     }

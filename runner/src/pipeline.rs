@@ -126,7 +126,7 @@ impl std::fmt::Debug for Pipeline {
 }
 
 /// Kafka transactions wait this long for the broker.
-const TX_TIMEOUT: Duration = Duration::from_secs(30);
+const TX_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Pipeline {
     #[allow(clippy::too_many_arguments)]

@@ -46,6 +46,15 @@ pub fn degraded_reasons(s: &Stats) -> Vec<&'static str> {
     if s.cache_stale {
         r.push("subscriber_cache_stale");
     }
+    if s.kafka_failing {
+        r.push("kafka_sink_retrying");
+    }
+    if s.kafka_unreachable {
+        r.push("kafka_unreachable");
+    }
+    if s.postgres_failing {
+        r.push("postgres_sink_retrying");
+    }
     r
 }
 
@@ -164,6 +173,17 @@ pub fn render_metrics(s: &Stats) -> String {
         out,
         "# HELP runner_rules_info The rules in service.\n# TYPE runner_rules_info gauge\nrunner_rules_info{{version=\"{}\",sha256=\"{}\"}} 1",
         s.rules.version, s.rules.sha256
+    );
+    let _ = writeln!(
+        out,
+        "# HELP runner_kafka_unreachable 1 while the broker does not answer metadata probes.\n# TYPE runner_kafka_unreachable gauge\nrunner_kafka_unreachable {}",
+        u8::from(s.kafka_unreachable)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP runner_sink_failing 1 while writes to the sink are failing and being retried.\n# TYPE runner_sink_failing gauge\nrunner_sink_failing{{sink=\"kafka\"}} {}\nrunner_sink_failing{{sink=\"postgres\"}} {}",
+        u8::from(s.kafka_failing),
+        u8::from(s.postgres_failing)
     );
     let _ = writeln!(
         out,

@@ -42,6 +42,21 @@ fn pg_ctl(action: &str) {
     assert!(status.success(), "pg_ctlcluster {action} failed");
 }
 
+/// The tests here stop the shared server: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
 /// Starts PostgreSQL again even when the test fails half-way.
 struct Restart;
 impl Drop for Restart {
@@ -55,6 +70,7 @@ impl Drop for Restart {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let kafka = MockKafka::new(1)?;
     let db = TestDb::new().await?.with_schema().await?;
     db.seed_spec_subscribers().await?;
@@ -175,6 +191,106 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
         db.count("SELECT count(*) FROM subscribers_feedback")
             .await?,
         3
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_for_30_s_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    const R0: &str = "123e4567-e89b-12d3-a456-426614174000";
+    let kafka = MockKafka::new(2)?;
+    let db = TestDb::new().await?.with_schema().await?;
+    db.seed_spec_subscribers().await?;
+    let running = start(
+        config(&kafka, &db, "[status]\nlisten = \"127.0.0.1:0\"\n"),
+        RunOptions {
+            clock: Arc::new(FixedClock(NOW)),
+        },
+    )
+    .await?;
+    let addr = running.status_addr.expect("status endpoint");
+    let value = |i: usize| {
+        campaign(
+            R0,
+            &format!("00000000-0000-4000-a000-{i:012}"),
+            NOW - 10,
+            NOW + 10,
+        )
+    };
+    for i in 0..5 {
+        kafka.produce(&[(None, value(i).as_bytes())]).await?;
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+            >= 5)
+        .await
+    );
+    let before = rss_mib();
+
+    let guard = Restart;
+    pg_ctl("stop");
+    let down = std::time::Instant::now();
+    let (mut degraded, mut peak, mut i) = (false, before, 5);
+    while down.elapsed() < Duration::from_secs(30) {
+        // Campaigns keep arriving while the database is down.
+        if i < 25 {
+            kafka.produce(&[(None, value(i).as_bytes())]).await?;
+            i += 1;
+        }
+        peak = peak.max(rss_mib());
+        if let Ok((503, body)) = http_get(addr, "/health").await {
+            degraded |=
+                body.contains("subscriber_cache_stale") || body.contains("postgres_sink_retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let during = running.stats().offsets_stored;
+    pg_ctl("start");
+    drop(guard);
+    let done = wait_for(Duration::from_secs(60), || {
+        running.stats().offsets_stored >= 25
+    })
+    .await;
+    let healthy = wait_for_async(Duration::from_secs(10), || async {
+        matches!(http_get(addr, "/health").await, Ok((200, _)))
+    })
+    .await;
+    let stats = running.stop().await?;
+    println!("PostgreSQL down 30 s: test process RSS {before} MiB before, {peak} MiB peak; degraded seen: {degraded}; settled during the outage: {}", during - 5);
+    assert!(degraded, "/health was degraded while the database was down");
+    assert_eq!(during, 5, "nothing settles without the database");
+    assert!(done, "recovered by itself: {stats:?}");
+    assert!(healthy, "healthy again after");
+    assert!(
+        peak < before + 200,
+        "memory bounded ({before} -> {peak} MiB)"
+    );
+    let drafts = kafka.drafts(201).await?;
+    let pairs: std::collections::BTreeSet<(String, String)> = drafts
+        .iter()
+        .map(|m| {
+            let v = json(m);
+            (
+                v["adv_campaign_id"].as_str().unwrap().to_string(),
+                v["client_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    println!(
+        "PostgreSQL outage: {} drafts read, {} distinct, 200 expected",
+        drafts.len(),
+        pairs.len()
+    );
+    assert_eq!(
+        (drafts.len(), pairs.len()),
+        (200, 200),
+        "25 campaigns x 8 subscribers, each once"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM subscribers_feedback")
+            .await?,
+        200
     );
     Ok(())
 }

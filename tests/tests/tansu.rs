@@ -30,6 +30,12 @@ struct Tansu {
     port: u16,
 }
 
+fn tansu_home() -> PathBuf {
+    std::env::var_os("TANSU_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/wasm-runner/tansu"))
+}
+
 impl Tansu {
     fn start() -> Result<Tansu> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -49,6 +55,17 @@ impl Tansu {
 
     fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Sends a signal to the broker process (STOP freezes it: unreachable, state kept).
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = std::fs::read_to_string(tansu_home().join(format!("tansu-{}.pid", self.port)))?;
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), pid.trim()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -{sig} tansu");
+        Ok(())
     }
 }
 
@@ -137,6 +154,7 @@ struct World {
     _dir: tempfile::TempDir,
     restaurants: Vec<String>,
     per_restaurant: usize,
+    status: std::net::SocketAddr,
 }
 
 impl World {
@@ -163,12 +181,14 @@ impl World {
         }
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("runner.toml");
+        let status: std::net::SocketAddr =
+            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         std::fs::write(
             &config,
             format!(
                 "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
                  group_id = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
-                 [postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\ncompile_cache_dir = \"{}\"\n[pipeline]\nshutdown_timeout = \"20s\"\n",
+                 [postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\ncompile_cache_dir = \"{}\"\n[pipeline]\nshutdown_timeout = \"20s\"\n[status]\nlisten = \"{status}\"\n",
                 tansu.brokers(),
                 unique("group"),
                 db.url,
@@ -185,6 +205,7 @@ impl World {
             _dir: dir,
             restaurants,
             per_restaurant,
+            status,
         })
     }
 
@@ -384,6 +405,71 @@ async fn two_runners_in_one_group_one_coming_and_going() -> Result<()> {
     let status_a = terminate(&mut a)?;
     assert!(done, "everything delivered");
     assert_eq!((status_a.code(), status_b.code()), (Some(0), Some(0)));
+    let counts = world.invariant(campaigns).await?;
+    assert_eq!(
+        counts,
+        [0, 0, 0, 0],
+        "[pg lost, pg duplicated, kafka lost, kafka duplicated]"
+    );
+    Ok(())
+}
+
+/// Resident memory of a process, in MiB (0 when gone).
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_unreachable_for_30_s_loses_and_doubles_nothing() -> Result<()> {
+    let world = World::new(2, 2, 100).await?;
+    let mut runner = world.spawn_runner();
+    let campaigns = 60;
+    // Campaigns keep arriving before, during (queued by the producer) and after the outage.
+    let producing = world.produce(campaigns, Duration::from_millis(100));
+    assert!(
+        world.wait_all_in_postgres(5, Duration::from_secs(60)).await,
+        "the runner works before the outage"
+    );
+    let before = rss_mib(runner.id());
+    world.tansu.signal("STOP")?;
+    let frozen = Instant::now();
+    let mut degraded = false;
+    let mut peak = before;
+    while frozen.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(rss_mib(runner.id()));
+        if let Ok((503, body)) = http_get(world.status, "/health").await {
+            degraded |= body.contains("kafka_unreachable") || body.contains("kafka_sink_retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    world.tansu.signal("CONT")?;
+    producing.await??;
+    let done = world
+        .wait_all_in_postgres(campaigns, Duration::from_secs(180))
+        .await;
+    let after = rss_mib(runner.id());
+    let healthy = http_get(world.status, "/health").await?.0 == 200;
+    let status = terminate(&mut runner)?;
+    println!("broker outage 30 s: runner RSS {before} MiB before, {peak} MiB peak during, {after} MiB after; degraded seen: {degraded}");
+    assert!(done, "recovered by itself and delivered everything");
+    assert!(
+        degraded,
+        "/health reported the broker unreachable during the outage"
+    );
+    assert!(healthy, "healthy again after");
+    assert!(
+        peak < before + 200,
+        "memory stays bounded while the broker is away ({before} -> {peak} MiB)"
+    );
+    assert_eq!(status.code(), Some(0));
     let counts = world.invariant(campaigns).await?;
     assert_eq!(
         counts,
