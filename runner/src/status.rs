@@ -169,26 +169,47 @@ pub fn render_metrics(s: &Stats) -> String {
             &mut s.rules.refused.iter().map(|(k, v)| (k.to_string(), *v)),
         ),
     );
-    let _ = writeln!(
-        out,
-        "# HELP runner_rules_info The rules in service.\n# TYPE runner_rules_info gauge\nrunner_rules_info{{version=\"{}\",sha256=\"{}\"}} 1",
-        s.rules.version, s.rules.sha256
+    let mut gauge = |name: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(
+            out,
+            "# HELP runner_{name} {help}\n# TYPE runner_{name} gauge"
+        );
+        for (labels, v) in samples {
+            let _ = writeln!(out, "runner_{name}{labels} {v}");
+        }
+    };
+    let flag = |b: bool| vec![(String::new(), u64::from(b))];
+    gauge(
+        "rules_info",
+        "The rules in service.",
+        &[(
+            format!(
+                "{{version=\"{}\",sha256=\"{}\"}}",
+                s.rules.version, s.rules.sha256
+            ),
+            1,
+        )],
     );
-    let _ = writeln!(
-        out,
-        "# HELP runner_kafka_unreachable 1 while the broker does not answer metadata probes.\n# TYPE runner_kafka_unreachable gauge\nrunner_kafka_unreachable {}",
-        u8::from(s.kafka_unreachable)
+    gauge(
+        "subscriber_cache_stale",
+        "1 while the subscriber snapshot is known to be stale.",
+        &flag(s.cache_stale),
     );
-    let _ = writeln!(
-        out,
-        "# HELP runner_sink_failing 1 while writes to the sink are failing and being retried.\n# TYPE runner_sink_failing gauge\nrunner_sink_failing{{sink=\"kafka\"}} {}\nrunner_sink_failing{{sink=\"postgres\"}} {}",
-        u8::from(s.kafka_failing),
-        u8::from(s.postgres_failing)
+    gauge(
+        "kafka_unreachable",
+        "1 while the broker does not answer metadata probes.",
+        &flag(s.kafka_unreachable),
     );
-    let _ = writeln!(
-        out,
-        "# HELP runner_subscriber_cache_stale 1 while the subscriber snapshot is known to be stale.\n# TYPE runner_subscriber_cache_stale gauge\nrunner_subscriber_cache_stale {}",
-        u8::from(s.cache_stale)
+    gauge(
+        "sink_failing",
+        "1 while writes to the sink are failing and being retried.",
+        &[
+            ("{sink=\"kafka\"}".to_string(), u64::from(s.kafka_failing)),
+            (
+                "{sink=\"postgres\"}".to_string(),
+                u64::from(s.postgres_failing),
+            ),
+        ],
     );
     out
 }

@@ -65,6 +65,13 @@ impl TestDb {
         Ok(self)
     }
 
+    /// A fresh database with the runner's schema and SPEC.md's ten subscriber rows.
+    pub async fn with_spec_subscribers() -> Result<TestDb> {
+        let db = TestDb::new().await?.with_schema().await?;
+        db.seed_spec_subscribers().await?;
+        Ok(db)
+    }
+
     pub async fn seed_spec_subscribers(&self) -> Result<()> {
         let c = self.client().await?;
         for (client, restaurant) in SPEC_SUBSCRIBERS {

@@ -72,8 +72,7 @@ impl Drop for Restart {
 async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let extra = "[status]\nlisten = \"127.0.0.1:0\"\n";
     let running = start(
         config(&kafka, &db, extra),
@@ -200,8 +199,7 @@ async fn postgres_down_for_30_s_loses_and_doubles_nothing() -> anyhow::Result<()
     let _serial = SERIAL.lock().await;
     const R0: &str = "123e4567-e89b-12d3-a456-426614174000";
     let kafka = MockKafka::new(2)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(&kafka, &db, "[status]\nlisten = \"127.0.0.1:0\"\n"),
         RunOptions {

@@ -210,6 +210,15 @@ impl World {
     }
 
     fn spawn_runner(&self) -> Child {
+        self.spawn_runner_with(&[])
+    }
+
+    /// Another runner on the same config: its status endpoint off (the port is the first's).
+    fn spawn_second_runner(&self) -> Child {
+        self.spawn_runner_with(&[("RUNNER__STATUS__LISTEN", "")])
+    }
+
+    fn spawn_runner_with(&self, env: &[(&str, &str)]) -> Child {
         Command::new(runner_binary())
             .args([
                 "--log",
@@ -218,6 +227,7 @@ impl World {
                 "--config",
                 self.config.to_str().unwrap(),
             ])
+            .envs(env.iter().copied())
             .spawn()
             .expect("the runner starts")
     }
@@ -395,7 +405,7 @@ async fn two_runners_in_one_group_one_coming_and_going() -> Result<()> {
     let producing = world.produce(campaigns, Duration::from_millis(60));
     let mut a = world.spawn_runner();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut b = world.spawn_runner();
+    let mut b = world.spawn_second_runner();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let status_b = terminate(&mut b)?;
     producing.await??;

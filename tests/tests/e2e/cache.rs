@@ -48,8 +48,7 @@ async fn visible_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_deletes_and_updates_reach_the_join_within_a_second() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(&kafka, &db, ""),
         RunOptions {
@@ -171,8 +170,7 @@ async fn inserts_deletes_and_updates_reach_the_join_within_a_second() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_leads_to_a_full_resync() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(&kafka, &db, ""),
         RunOptions {

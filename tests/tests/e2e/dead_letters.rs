@@ -20,8 +20,7 @@ fn spec_with(f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_invalid_input_class_is_dead_lettered_with_its_code() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(&kafka, &db, "[pipeline]\nmax_message_bytes = 2048\n"),
         RunOptions {

@@ -24,8 +24,7 @@ fn fixed() -> RunOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Result<()> {
     let kafka = MockKafka::new(2)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(config(&kafka, &db, ""), fixed()).await?;
     let value = campaign(
         R1,
@@ -84,8 +83,7 @@ async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Re
 async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -> anyhow::Result<()>
 {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let campaign_id = "00000000-0000-4000-8000-0000000000e2";
     let value = campaign(R0, campaign_id, NOW - 10, NOW + 10);
     kafka.produce(&[(None, value.as_bytes())]).await?;
@@ -203,8 +201,7 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(config(&kafka, &db, ""), fixed()).await?;
     let first = campaign(
         R0,
@@ -280,8 +277,7 @@ fn runner_binary() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero_and_the_next_start_doubles_nothing() -> anyhow::Result<()> {
     let kafka = MockKafka::new(2)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("runner.toml");
     std::fs::write(

@@ -19,8 +19,7 @@ const TAIL: usize = 50;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let kafka = MockKafka::new(3)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let dir = tempfile::tempdir()?;
     let live = dir.path().join("rules.wasm");
     let (v1, v2) = (rules_wasm(), fixture("campaign-rules-v2.wasm"));

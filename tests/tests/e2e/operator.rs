@@ -19,8 +19,7 @@ fn kcat() -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
     let kafka = MockKafka::new(3)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(&kafka, &db, ""),
         RunOptions {

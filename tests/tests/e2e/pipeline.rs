@@ -22,8 +22,7 @@ fn fixed(now: i64) -> RunOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_example_end_to_end() -> anyhow::Result<()> {
     let kafka = MockKafka::new(3)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(config(&kafka, &db, ""), fixed(SPEC_NOW)).await?;
     kafka
         .produce(&[(Some("first_message"), SPEC_CAMPAIGN.as_bytes())])
@@ -122,8 +121,7 @@ async fn spec_example_end_to_end() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_subscription_gives_one_draft() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(config(&kafka, &db, ""), fixed(SPEC_NOW)).await?;
     let value = campaign(
         R1,
@@ -155,8 +153,7 @@ async fn duplicate_subscription_gives_one_draft() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restaurant_without_subscribers_produces_nothing_and_advances() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(config(&kafka, &db, ""), fixed(SPEC_NOW)).await?;
     let lonely = campaign(
         "99999999-0000-4000-8000-000000000000",
@@ -186,8 +183,7 @@ async fn restaurant_without_subscribers_produces_nothing_and_advances() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_not_started_campaigns_are_skipped_with_reasons() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let now = 1_700_000_000;
     let running = start(config(&kafka, &db, ""), fixed(now)).await?;
     let expired = campaign(R0, "00000000-0000-4000-8000-00000000000e", now - 100, now);
@@ -231,8 +227,7 @@ async fn expired_and_not_started_campaigns_are_skipped_with_reasons() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_changes_reach_the_join_while_running() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let running = start(
         config(
             &kafka,
@@ -285,8 +280,7 @@ async fn subscription_changes_reach_the_join_while_running() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trigger_time_that_overflows_int4_is_refused_loudly() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let after_2038 = i64::from(i32::MAX) + 10;
     let running = start(config(&kafka, &db, ""), fixed(after_2038)).await?;
     let value = campaign(

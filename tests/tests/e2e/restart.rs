@@ -13,8 +13,7 @@ const R0: &str = "123e4567-e89b-12d3-a456-426614174000";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_the_committed_offset() -> anyhow::Result<()> {
     let kafka = MockKafka::new(3)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     // The mock cluster frees a closed member's partitions only when its session times out (the
     // LeaveGroup sent at close does not trigger an early rebalance there): keep it short.
     let cfg = config(

@@ -27,8 +27,7 @@ fn with_content(id: u32, content: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let extra = format!(
         "[rules]\npath = \"{}\"\ncall_timeout = \"50ms\"\nmemory_limit_mib = 16\n",
         fixture("hostile.wasm").display()
@@ -99,8 +98,7 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
-    let db = TestDb::new().await?.with_schema().await?;
-    db.seed_spec_subscribers().await?;
+    let db = TestDb::with_spec_subscribers().await?;
     let dir = tempfile::tempdir()?;
     let live = dir.path().join("rules.wasm");
     std::fs::copy(rules_wasm(), &live)?;
