@@ -57,6 +57,8 @@ crash-loop: build
 BENCH := $(CARGO_TARGET_DIR)/release/bench
 bench: transforms
 	cargo build --release -p bench
+	$(BENCH) rules --component $(CAMPAIGN_WASM)
+	$(BENCH) fanout --rules $(CAMPAIGN_WASM)
 	$(BENCH) cache
 
 lint:

@@ -2,8 +2,11 @@
 //! needs one), runs a few times, and prints medians with min–max; results also go to
 //! `bench-results/` as JSON and Markdown. Figures are measured, never asserted.
 
+mod broker;
 mod cache;
+mod fanout;
 mod report;
+mod rules;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,12 +39,38 @@ enum Workload {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Sink ceilings (PostgreSQL COPY with and without the protocol, Kafka produce) and the
+    /// fan-out end to end, with its ratio to the slower ceiling.
+    Fanout {
+        #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
+        rules: std::path::PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        campaigns: usize,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// The rules as WASM against the same rules compiled natively, per draft.
+    Rules {
+        #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
+        component: std::path::PathBuf,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let report = match cli.workload {
+        Workload::Rules { component, runs } => rules::run(&component, runs)?,
+        Workload::Fanout {
+            rules,
+            campaigns,
+            subscribers,
+            runs,
+        } => fanout::run(&cli.admin_url, &rules, campaigns, subscribers, runs).await?,
         Workload::Cache {
             subscriptions,
             restaurants,

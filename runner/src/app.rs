@@ -200,12 +200,19 @@ impl Running {
     }
 }
 
-/// Starts a runner and runs it until `shutdown` resolves.
+/// Starts a runner and runs it until `shutdown` resolves (which may happen during start-up:
+/// then nothing was consumed and it returns at once).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Stats> {
-    start(config, RunOptions::default())
-        .await?
-        .run_until(shutdown)
-        .await
+    tokio::pin!(shutdown);
+    let running = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            tracing::info!("Stopped during start-up; nothing was consumed.");
+            return Ok(Stats::default());
+        }
+        r = start(config, RunOptions::default()) => r?,
+    };
+    running.run_until(shutdown).await
 }
 
 fn hostname() -> String {

@@ -108,13 +108,18 @@ fn init_logging(filter: &str, format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
+/// Listens for SIGTERM and SIGINT from now on (registered before start-up, so a signal during
+/// start-up is a clean stop too); the future resolves at the first one.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; draining."),
-        _ = term.recv() => tracing::info!("SIGTERM received; draining."),
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received; draining."),
+            _ = term.recv() => tracing::info!("SIGTERM received; draining."),
+        }
+    })
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -129,8 +134,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 async fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config } => {
+            let signal = shutdown_signal()?;
             let config = load_config(config.as_ref())?;
-            let stats = runner::app::run(config, shutdown_signal()).await?;
+            let stats = runner::app::run(config, signal).await?;
             tracing::info!(
                 received = stats.received,
                 drafts = stats.drafts_delivered,

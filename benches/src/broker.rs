@@ -1,0 +1,90 @@
+//! The Kafka-protocol broker a workload runs against: the tansu process when it is installed
+//! (scripts/tansu.sh), librdkafka's mock cluster otherwise. Reports carry which one it was.
+
+use anyhow::Result;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::ClientConfig;
+use std::process::Command;
+
+pub enum Broker {
+    Tansu { port: u16 },
+    Mock(MockCluster<'static, DefaultProducerContext>),
+}
+
+impl Broker {
+    pub fn start() -> Result<Broker> {
+        let script = std::path::Path::new("scripts/tansu.sh");
+        if script.exists()
+            && Command::new("bash")
+                .arg(script)
+                .arg("install")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let out = Command::new("bash")
+                .arg(script)
+                .args(["start", &port.to_string()])
+                .output()?;
+            if out.status.success() {
+                return Ok(Broker::Tansu { port });
+            }
+            eprintln!(
+                "bench: tansu did not start ({}); using the mock cluster",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Broker::Mock(MockCluster::new(1)?))
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Broker::Tansu { .. } => "tansu broker process",
+            Broker::Mock(_) => "librdkafka mock cluster (in-process)",
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        match self {
+            Broker::Tansu { port } => format!("127.0.0.1:{port}"),
+            Broker::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        match self {
+            Broker::Mock(m) => Ok(m.create_topic(name, partitions, 1)?),
+            Broker::Tansu { .. } => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", self.brokers())
+                    .create()?;
+                for r in admin
+                    .create_topics(
+                        &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                        &AdminOptions::new(),
+                    )
+                    .await?
+                {
+                    r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Tansu { port } = self {
+            let _ = Command::new("bash")
+                .arg("scripts/tansu.sh")
+                .args(["stop", &port.to_string()])
+                .output();
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Sink ceilings and fan-out, in the same run on the same services.
+//! 1. PostgreSQL alone: binary COPY of feedback-shaped rows into the bare table, and the
+//!    delivery protocol's PostgreSQL path (staging COPY, INSERT ON CONFLICT on the unique index,
+//!    outbox) for the same rows. Kafka alone: produce of output-shaped messages.
+//! 2. Fan-out: 1,000 active campaigns x 1,000 subscribers = 1,000,000 drafts end to end
+//!    through the runner, until both sinks committed; drafts/s and the ratio to the slower
+//!    ceiling of (1).
+
+use crate::broker::Broker;
+use crate::report::Report;
+use anyhow::{Context, Result};
+use futures::pin_mut;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use runner::app::{self, RunOptions};
+use runner::config::{Config, Sources};
+use runner::events::Events;
+use runner::sink::feedback::{FeedbackRow, FeedbackSink, OutboxEntry, Target};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+const NOW: i64 = 1_700_000_000;
+
+async fn fresh_db(admin_url: &str, name: &str) -> Result<String> {
+    let url = runner::demo::fresh_database(admin_url, name).await?;
+    runner::db::ensure_schema(&runner::db::connect(&url).await?).await?;
+    Ok(url)
+}
+
+fn payload(campaign: &str, client: &str) -> Vec<u8> {
+    format!(
+        r#"{{"restaurant_id":"00000000-0000-4000-8000-000000000001","adv_campaign_id":"{campaign}","adv_campaign_content":"70% off the new dish until 14:00","adv_campaign_owner":"Ivanov Ivan Ivanovich","adv_campaign_owner_contact":"iiivanov@restaurant.ru","adv_campaign_datetime_start":1699999000,"adv_campaign_datetime_end":1700009000,"client_id":"{client}","datetime_created":1699998000,"trigger_datetime_created":1700000000}}"#
+    )
+    .into_bytes()
+}
+
+/// PostgreSQL COPY into the bare table, in transactions of `chunk` rows: rows/s.
+async fn pg_copy_alone(
+    url: &str,
+    campaigns: &[String],
+    clients: &[String],
+    chunk: usize,
+) -> Result<f64> {
+    let mut c = runner::db::connect(url).await?;
+    c.batch_execute("DROP INDEX IF EXISTS subscribers_feedback_campaign_client_key; TRUNCATE subscribers_feedback").await?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::TEXT,
+        Type::INT4,
+    ];
+    let t = Instant::now();
+    let total = campaigns.len() * clients.len();
+    let mut done = 0;
+    while done < total {
+        let tx = c.transaction().await?;
+        let sink = tx
+            .copy_in(
+                "COPY subscribers_feedback (restaurant_id, adv_campaign_id, adv_campaign_content, adv_campaign_owner, \
+                 adv_campaign_owner_contact, adv_campaign_datetime_start, adv_campaign_datetime_end, datetime_created, \
+                 client_id, trigger_datetime_created) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        let w = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(w);
+        for i in done..(done + chunk).min(total) {
+            let (camp, client) = (&campaigns[i / clients.len()], &clients[i % clients.len()]);
+            let v: [&(dyn ToSql + Sync); 10] = [
+                &"00000000-0000-4000-8000-000000000001",
+                camp,
+                &"70% off the new dish until 14:00",
+                &"Ivanov Ivan Ivanovich",
+                &"iiivanov@restaurant.ru",
+                &(NOW - 1000),
+                &(NOW + 9000),
+                &(NOW - 2000),
+                client,
+                &(NOW as i32),
+            ];
+            w.as_mut().write(&v).await?;
+        }
+        w.finish().await?;
+        tx.commit().await?;
+        done = (done + chunk).min(total);
+    }
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    // Put the protocol's index back for what follows.
+    c.batch_execute("TRUNCATE subscribers_feedback").await?;
+    runner::db::ensure_schema(&c).await?;
+    Ok(rate)
+}
+
+/// The delivery protocol's PostgreSQL transaction for the same rows: rows/s.
+async fn pg_protocol(
+    url: &str,
+    campaigns: &[String],
+    clients: &[String],
+    per_commit: usize,
+) -> Result<f64> {
+    let c = runner::db::connect(url).await?;
+    c.batch_execute("TRUNCATE subscribers_feedback, campaign_runner_outbox")
+        .await?;
+    let events = Events::default();
+    let (_tx, mut stop) = tokio::sync::watch::channel(false);
+    let mut sink = FeedbackSink::new(url.to_string());
+    let fence = sink
+        .claim(
+            "bench",
+            0,
+            "bench",
+            &events,
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+    let t = Instant::now();
+    for (n, group) in campaigns
+        .chunks(per_commit.div_ceil(clients.len()).max(1))
+        .enumerate()
+    {
+        let mut rows = Vec::new();
+        let mut entries = Vec::new();
+        for (k, camp) in group.iter().enumerate() {
+            for client in clients {
+                rows.push(FeedbackRow {
+                    restaurant_id: "00000000-0000-4000-8000-000000000001",
+                    adv_campaign_id: camp,
+                    adv_campaign_content: "70% off the new dish until 14:00",
+                    adv_campaign_owner: "Ivanov Ivan Ivanovich",
+                    adv_campaign_owner_contact: "iiivanov@restaurant.ru",
+                    adv_campaign_datetime_start: NOW - 1000,
+                    adv_campaign_datetime_end: NOW + 9000,
+                    datetime_created: NOW - 2000,
+                    client_id: client,
+                    trigger_datetime_created: NOW as i32,
+                });
+            }
+            entries.push(OutboxEntry {
+                source_offset: (n * group.len() + k) as i64,
+                target: Target::Drafts,
+                campaign_id: Some(camp.clone()),
+                clients: clients.to_vec(),
+                keys: clients
+                    .iter()
+                    .map(|c| Some(c.as_bytes().to_vec()))
+                    .collect(),
+                payloads: clients.iter().map(|c| Some(payload(camp, c))).collect(),
+                headers: vec![("rules-version".into(), b"campaign-rules 1.0.0".to_vec())],
+            });
+        }
+        sink.commit(
+            &fence,
+            &rows,
+            &entries,
+            &events,
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+        sink.delete_outbox(&fence, i64::MAX, &events, Duration::from_secs(1), &mut stop)
+            .await?;
+    }
+    Ok((campaigns.len() * clients.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Kafka produce alone (idempotent, acks=all, the runner's linger): msgs/s.
+async fn kafka_alone(
+    brokers: &str,
+    topic: &str,
+    campaigns: &[String],
+    clients: &[String],
+) -> Result<f64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    let t = Instant::now();
+    let mut pending = Vec::with_capacity(clients.len());
+    for camp in campaigns {
+        for client in clients {
+            let p = payload(camp, client);
+            loop {
+                match producer
+                    .send_result(FutureRecord::to(topic).key(client.as_bytes()).payload(&p))
+                {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+        }
+        for f in pending.drain(..) {
+            f.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    Ok((campaigns.len() * clients.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Runs the runner over `campaigns` x `per` drafts (after a warm-up campaign); drafts/s.
+async fn fanout(
+    broker: &Broker,
+    url: &str,
+    rules: &Path,
+    campaigns: usize,
+    per: usize,
+) -> Result<f64> {
+    let c = runner::db::connect(url).await?;
+    c.batch_execute(
+        "TRUNCATE subscribers_feedback, campaign_runner_outbox, campaign_runner_fences",
+    )
+    .await?;
+    let have = c
+        .query_one("SELECT count(*) FROM subscribers_restaurants", &[])
+        .await?
+        .get::<_, i64>(0);
+    if have != (campaigns * per) as i64 {
+        c.batch_execute("TRUNCATE subscribers_restaurants").await?;
+        c.batch_execute(&format!(
+            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
+             '00000000-0000-4000-8000-' || lpad(to_hex(g / {per}), 12, '0') FROM generate_series(0, {}) g",
+            campaigns * per - 1
+        ))
+        .await?;
+    }
+    let (input, output, dlq) = (
+        format!("in-{}", uuid::Uuid::new_v4()),
+        format!("out-{}", uuid::Uuid::new_v4()),
+        format!("dlq-{}", uuid::Uuid::new_v4()),
+    );
+    broker.create_topic(&input, 4).await?;
+    broker.create_topic(&output, 4).await?;
+    broker.create_topic(&dlq, 1).await?;
+    let overlay = format!(
+        "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
+         group_id = \"bench-{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+         [postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n",
+        broker.brokers(),
+        uuid::Uuid::new_v4(),
+        rules.display()
+    );
+    let config = Config::load(&Sources {
+        file: None,
+        overlay: Some(&overlay),
+        env: false,
+    })?;
+    let running = app::start(config, RunOptions::default()).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .create()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let value = |i: usize| {
+        format!(
+            r#"{{"restaurant_id":"00000000-0000-4000-8000-{:012x}","adv_campaign_id":"{}","adv_campaign_content":"70% off","adv_campaign_owner":"o","adv_campaign_owner_contact":"c","adv_campaign_datetime_start":{},"adv_campaign_datetime_end":{},"datetime_created":{}}}"#,
+            i % campaigns,
+            uuid::Uuid::new_v4(),
+            now - 3600,
+            now + 3600,
+            now - 7200
+        )
+    };
+    // Warm-up: the group join and first compile are not part of the figure.
+    producer
+        .send(
+            FutureRecord::to(&input).key("warm").payload(&value(0)),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running.stats().offsets_stored < 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the runner did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    for i in 0..campaigns {
+        let v = value(i);
+        let key = i.to_string();
+        producer
+            .send(
+                FutureRecord::to(&input).key(&key).payload(&v),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let want = campaigns as u64 + 1;
+    let mut last = Instant::now();
+    while running.stats().offsets_stored < want {
+        if last.elapsed() > Duration::from_secs(5) {
+            let s = running.stats();
+            eprintln!(
+                "bench fanout: {} / {want} campaigns, {} drafts",
+                s.offsets_stored, s.drafts_delivered
+            );
+            last = Instant::now();
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(900),
+            "fan-out did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    running.stop().await?;
+    Ok((campaigns * per) as f64 / secs)
+}
+
+pub async fn run(
+    admin_url: &str,
+    rules: &Path,
+    campaigns: usize,
+    per: usize,
+    runs: usize,
+) -> Result<Report> {
+    let broker = Broker::start()?;
+    let url = fresh_db(admin_url, "bench_fanout")
+        .await
+        .context("bench database")?;
+    let sink_campaigns: Vec<String> = (0..200).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let sink_clients: Vec<String> = (0..1000)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let topic = format!("ceiling-{}", uuid::Uuid::new_v4());
+    broker.create_topic(&topic, 4).await?;
+    let mut report = Report::new("fanout");
+    let (mut copy, mut proto, mut kafka, mut fan, mut ratio) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let c = pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000).await?;
+        let p = pg_protocol(&url, &sink_campaigns, &sink_clients, 50_000).await?;
+        let k = kafka_alone(&broker.brokers(), &topic, &sink_campaigns, &sink_clients).await?;
+        let f = fanout(&broker, &url, rules, campaigns, per).await?;
+        let ceiling = c.min(k);
+        eprintln!("bench fanout: run {run}/{runs}: COPY {c:.0} rows/s, protocol {p:.0} rows/s, Kafka {k:.0} msgs/s, fan-out {f:.0} drafts/s");
+        copy.push(c);
+        proto.push(p);
+        kafka.push(k);
+        fan.push(f);
+        ratio.push(f / ceiling);
+    }
+    report.add("PostgreSQL COPY alone (no index)", "rows/s", copy, None);
+    report.add(
+        "PostgreSQL, delivery protocol path (index + outbox)",
+        "rows/s",
+        proto,
+        None,
+    );
+    report.add("Kafka produce alone", "msgs/s", kafka, None);
+    report.add(
+        &format!("fan-out {campaigns} x {per}, end to end"),
+        "drafts/s",
+        fan,
+        None,
+    );
+    report.add(
+        "fan-out / slower sink ceiling",
+        "ratio",
+        ratio,
+        Some((">=", 0.8)),
+    );
+    report.notes.push(format!(
+        "Broker: {}. Ceilings with 200 x 1,000 rows/messages in transactions of 50,000. The fan-out counts from the first campaign produced to the last unit committed in both sinks (a warm-up campaign first).",
+        broker.label()
+    ));
+    Ok(report)
+}
