@@ -342,18 +342,21 @@ pub async fn run(
     let mut report = Report::new("fanout");
     let (mut copy, mut proto, mut kafka, mut fan, mut ratio) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut ratio_bare = vec![];
     for run in 1..=runs {
         let c = pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000).await?;
         let p = pg_protocol(&url, &sink_campaigns, &sink_clients, 50_000).await?;
         let k = kafka_alone(&broker.brokers(), &topic, &sink_campaigns, &sink_clients).await?;
         let f = fanout(&broker, &url, rules, campaigns, per).await?;
-        let ceiling = c.min(k);
+        // The protocol path is PostgreSQL with the index the delivery protocol needs.
+        let ceiling = p.min(k);
         eprintln!("bench fanout: run {run}/{runs}: COPY {c:.0} rows/s, protocol {p:.0} rows/s, Kafka {k:.0} msgs/s, fan-out {f:.0} drafts/s");
         copy.push(c);
         proto.push(p);
         kafka.push(k);
         fan.push(f);
         ratio.push(f / ceiling);
+        ratio_bare.push(f / c.min(k));
     }
     report.add("PostgreSQL COPY alone (no index)", "rows/s", copy, None);
     report.add(
@@ -370,10 +373,16 @@ pub async fn run(
         None,
     );
     report.add(
-        "fan-out / slower sink ceiling",
+        "fan-out / slower sink ceiling (protocol path, Kafka)",
         "ratio",
         ratio,
         Some((">=", 0.8)),
+    );
+    report.add(
+        "fan-out / slower of bare COPY and Kafka",
+        "ratio",
+        ratio_bare,
+        None,
     );
     report.notes.push(format!(
         "Broker: {}. Ceilings with 200 x 1,000 rows/messages in transactions of 50,000. The fan-out counts from the first campaign produced to the last unit committed in both sinks (a warm-up campaign first).",

@@ -20,14 +20,21 @@ fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
 }
 
 pub fn run(component: &Path, runs: usize) -> Result<Report> {
-    let engine = RulesEngine::new(SandboxLimits {
-        call_timeout: Duration::from_secs(5),
-        call_timeout_per_1000_subscribers: Duration::from_millis(100),
-        memory_limit_bytes: 256 << 20,
-        compile_cache_dir: None,
-    })?;
+    let engine_with = |interruptible: bool| {
+        RulesEngine::new(SandboxLimits {
+            call_timeout: Duration::from_secs(5),
+            call_timeout_per_1000_subscribers: Duration::from_millis(100),
+            memory_limit_bytes: 256 << 20,
+            compile_cache_dir: None,
+            interruptible,
+        })
+    };
+    let engine = engine_with(true)?;
     let loaded = engine.load_file(component)?;
     let mut wasm = loaded.instantiate()?;
+    let bare_engine = engine_with(false)?;
+    let bare_loaded = bare_engine.load_file(component)?;
+    let mut bare = bare_loaded.instantiate()?;
     let clients: Vec<String> = (0..1000)
         .map(|i| format!("{:08x}-e89b-12d3-a456-426614174000", i))
         .collect();
@@ -41,6 +48,7 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
     let mut report = Report::new("rules");
     let (mut v_nat, mut v_wasm, mut s_nat, mut s_wasm, mut ratio_draft, mut ratio_validate) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut dl_validate, mut dl_shape) = (vec![], vec![]);
     for _ in 0..runs {
         let vn = time(20_000, || {
             let c = campaign_rules::rules::validate(std::hint::black_box(SPEC.as_bytes())).unwrap();
@@ -64,6 +72,18 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
         let sw = time(200, || {
             std::hint::black_box(wasm.shape(&campaign, &clients, NOW).unwrap());
         }) / clients.len() as f64;
+        let vb = time(20_000, || {
+            std::hint::black_box(
+                bare.validate(std::hint::black_box(SPEC.as_bytes()), NOW)
+                    .unwrap()
+                    .is_ok(),
+            );
+        });
+        let sb = time(200, || {
+            std::hint::black_box(bare.shape(&campaign, &clients, NOW).unwrap());
+        }) / clients.len() as f64;
+        dl_validate.push(vw / vb);
+        dl_shape.push(sw / sb);
         v_nat.push(vn * 1e6);
         v_wasm.push(vw * 1e6);
         s_nat.push(sn * 1e9);
@@ -85,6 +105,18 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
         "WASM / native, per validation",
         "ratio",
         ratio_validate,
+        None,
+    );
+    report.add(
+        "deadline overhead (epoch interruption on / off), validate",
+        "ratio",
+        dl_validate,
+        None,
+    );
+    report.add(
+        "deadline overhead (epoch interruption on / off), shape",
+        "ratio",
+        dl_shape,
         None,
     );
     report.notes.push("Same Rust rules code (transforms/campaign/src/rules.rs): natively as an rlib, and as the component through the runner's sandbox (epoch deadlines and memory limits on).".into());

@@ -219,6 +219,8 @@ pub struct SandboxLimits {
     /// Where compiled components are cached (keyed by wasmtime on the component's bytes and the
     /// engine's configuration), so a restart with an unchanged component does not recompile.
     pub compile_cache_dir: Option<std::path::PathBuf>,
+    /// Epoch deadlines on calls. Always on in the runner; off only to measure their cost.
+    pub interruptible: bool,
 }
 
 impl From<&RulesConfig> for SandboxLimits {
@@ -228,6 +230,7 @@ impl From<&RulesConfig> for SandboxLimits {
             call_timeout_per_1000_subscribers: c.call_timeout_per_1000_subscribers,
             memory_limit_bytes: c.memory_limit_bytes,
             compile_cache_dir: c.compile_cache_dir.clone(),
+            interruptible: true,
         }
     }
 }
@@ -264,7 +267,7 @@ impl RulesEngine {
     pub fn new(limits: SandboxLimits) -> anyhow::Result<RulesEngine> {
         let mut config = Config::new();
         config.wasm_component_model(true);
-        config.epoch_interruption(true);
+        config.epoch_interruption(limits.interruptible);
         let mut compile_cache = None;
         if let Some(dir) = &limits.compile_cache_dir {
             std::fs::create_dir_all(dir)?;
@@ -445,8 +448,10 @@ impl LoadedRules {
         let mut store = Store::new(&self.engine.inner.engine, data);
         store.limiter(|d| d);
         // Instantiation runs guest code (start functions): it gets a deadline too.
-        store.set_epoch_deadline(ticks(limits.call_timeout));
-        store.epoch_deadline_trap();
+        if limits.interruptible {
+            store.set_epoch_deadline(ticks(limits.call_timeout));
+            store.epoch_deadline_trap();
+        }
         let bindings = self.pre.instantiate(&mut store).map_err(|e| {
             classify(
                 e,
@@ -501,7 +506,9 @@ impl fmt::Debug for RulesInstance {
 
 impl RulesInstance {
     fn arm(&mut self, timeout: Duration) {
-        self.store.set_epoch_deadline(ticks(timeout));
+        if self.limits.interruptible {
+            self.store.set_epoch_deadline(ticks(timeout));
+        }
         self.store.data_mut().last_error = None;
     }
 

@@ -235,6 +235,7 @@ async fn a_restart_with_an_unchanged_component_does_not_recompile() -> anyhow::R
         call_timeout_per_1000_subscribers: Duration::from_millis(10),
         memory_limit_bytes: 64 << 20,
         compile_cache_dir: Some(dir.path().to_path_buf()),
+        interruptible: true,
     };
     let first = RulesEngine::new(limits.clone())?;
     let loaded = first.load_file(&rules_wasm())?;

@@ -32,6 +32,7 @@ fn rules() -> &'static LoadedRules {
             call_timeout_per_1000_subscribers: Duration::from_millis(100),
             memory_limit_bytes: 64 << 20,
             compile_cache_dir: None,
+            interruptible: true,
         })
         .expect("engine");
         let path = component_path();
