@@ -59,6 +59,7 @@ bench: transforms
 	cargo build --release -p bench
 	$(BENCH) rules --component $(CAMPAIGN_WASM)
 	$(BENCH) fanout --rules $(CAMPAIGN_WASM)
+	$(BENCH) latency --rules $(CAMPAIGN_WASM) --v2 $(FIXTURES)/campaign-rules-v2.wasm
 	$(BENCH) cache
 
 lint:

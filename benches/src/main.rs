@@ -5,6 +5,7 @@
 mod broker;
 mod cache;
 mod fanout;
+mod latency;
 mod report;
 mod rules;
 
@@ -51,6 +52,23 @@ enum Workload {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Latency at a steady rate, then the same while the rules are swapped under load.
+    Latency {
+        #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
+        rules: std::path::PathBuf,
+        #[arg(long, default_value = "build/wasm/fixtures/campaign-rules-v2.wasm")]
+        v2: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        swap_every: std::time::Duration,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The rules as WASM against the same rules compiled natively, per draft.
     Rules {
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
@@ -65,6 +83,27 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let report = match cli.workload {
         Workload::Rules { component, runs } => rules::run(&component, runs)?,
+        Workload::Latency {
+            rules,
+            v2,
+            rate,
+            subscribers,
+            secs,
+            swap_every,
+            runs,
+        } => {
+            latency::run(
+                &cli.admin_url,
+                &rules,
+                &v2,
+                rate,
+                subscribers,
+                secs,
+                swap_every,
+                runs,
+            )
+            .await?
+        }
         Workload::Fanout {
             rules,
             campaigns,

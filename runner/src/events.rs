@@ -60,6 +60,20 @@ pub struct Events {
     postgres_failing: AtomicBool,
     pub(crate) kafka_unreachable: AtomicBool,
     rules: Mutex<RulesStatus>,
+    /// Latest end-to-end latencies (µs): message timestamp to both sinks committed.
+    latencies: Mutex<std::collections::VecDeque<u64>>,
+}
+
+/// How many latency samples are kept (the most recent).
+const LATENCY_SAMPLES: usize = 100_000;
+
+/// End-to-end latency quantiles over the kept samples, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// The rules in service and the history of reloads.
@@ -145,6 +159,47 @@ impl Events {
     pub fn fenced(&self, topic: &str, partition: i32, sink: &'static str) {
         tracing::warn!(topic, partition, sink, "Fenced: another runner owns the partition now; leaving it to that runner, writing nothing more for it.");
         self.partitions_fenced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message's results are durable in both sinks, `us` after its Kafka timestamp.
+    pub fn committed_latency(&self, us: u64) {
+        let mut l = self.latencies.lock().expect("latency lock");
+        if l.len() == LATENCY_SAMPLES {
+            l.pop_front();
+        }
+        l.push_back(us);
+    }
+
+    /// The kept latency samples in µs, oldest first (for benchmarks).
+    pub fn latency_samples(&self) -> Vec<u64> {
+        self.latencies
+            .lock()
+            .expect("latency lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    pub fn clear_latencies(&self) {
+        self.latencies.lock().expect("latency lock").clear();
+    }
+
+    /// Quantiles over the kept samples (computed on request: /status, benchmarks).
+    pub fn latency(&self) -> Latency {
+        let mut v = self.latency_samples();
+        if v.is_empty() {
+            return Latency::default();
+        }
+        v.sort_unstable();
+        let q = |p: f64| {
+            v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0
+        };
+        Latency {
+            samples: v.len(),
+            p50_ms: q(0.50),
+            p99_ms: q(0.99),
+            max_ms: *v.last().expect("non-empty") as f64 / 1000.0,
+        }
     }
 
     pub fn cache_resynced(&self) {
@@ -248,5 +303,33 @@ impl Events {
         }
         tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
         self.sink_retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_over_the_kept_samples() {
+        let e = Events::default();
+        assert_eq!(e.latency(), Latency::default());
+        for us in 1..=1000u64 {
+            e.committed_latency(us * 1000);
+        }
+        let l = e.latency();
+        assert_eq!(
+            (l.samples, l.p50_ms, l.p99_ms, l.max_ms),
+            (1000, 500.0, 990.0, 1000.0)
+        );
+        for _ in 0..LATENCY_SAMPLES {
+            e.committed_latency(7);
+        }
+        assert_eq!(
+            e.latency().samples,
+            LATENCY_SAMPLES,
+            "bounded: the oldest samples go"
+        );
+        assert_eq!(e.latency().max_ms, 0.007);
     }
 }

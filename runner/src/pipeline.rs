@@ -512,6 +512,7 @@ impl Pipeline {
                             })
                             .sum();
                         self.report(&group, &identity);
+                        self.record_latency(&group);
                         self.events
                             .batch_committed(group.len(), drafts, started.elapsed());
                     }
@@ -707,6 +708,20 @@ impl Pipeline {
             }
         }
         out
+    }
+
+    /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
+    fn record_latency(&self, group: &[Evaluated]) {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        for e in group {
+            if let Some(ms) = e.msg.timestamp().to_millis() {
+                self.events
+                    .committed_latency((now_us - ms * 1000).max(0) as u64);
+            }
+        }
     }
 
     fn report(&self, group: &[Evaluated], rules: &RulesIdentity) {

@@ -75,9 +75,12 @@ async fn health(State(events): State<Arc<Events>>) -> impl IntoResponse {
 async fn status(State(events): State<Arc<Events>>) -> impl IntoResponse {
     let stats = events.stats();
     let degraded = degraded_reasons(&stats);
-    Json(
-        serde_json::json!({ "healthy": degraded.is_empty(), "degraded": degraded, "stats": stats }),
-    )
+    Json(serde_json::json!({
+        "healthy": degraded.is_empty(),
+        "degraded": degraded,
+        "stats": stats,
+        "latency": events.latency(),
+    }))
 }
 
 async fn metrics(State(events): State<Arc<Events>>) -> impl IntoResponse {
