@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn script() -> PathBuf {
@@ -209,17 +209,17 @@ impl World {
         })
     }
 
-    fn spawn_runner(&self) -> Child {
+    fn spawn_runner(&self) -> ChildGuard {
         self.spawn_runner_with(&[])
     }
 
     /// Another runner on the same config: its status endpoint off (the port is the first's).
-    fn spawn_second_runner(&self) -> Child {
+    fn spawn_second_runner(&self) -> ChildGuard {
         self.spawn_runner_with(&[("RUNNER__STATUS__LISTEN", "")])
     }
 
-    fn spawn_runner_with(&self, env: &[(&str, &str)]) -> Child {
-        Command::new(runner_binary())
+    fn spawn_runner_with(&self, env: &[(&str, &str)]) -> ChildGuard {
+        let child = Command::new(runner_binary())
             .args([
                 "--log",
                 "error",
@@ -229,7 +229,8 @@ impl World {
             ])
             .envs(env.iter().copied())
             .spawn()
-            .expect("the runner starts")
+            .expect("the runner starts");
+        ChildGuard(child)
     }
 
     /// Produces `n` campaigns (unique ids, spread over the restaurants) in the background.
@@ -332,7 +333,7 @@ fn runner_binary() -> PathBuf {
     bin
 }
 
-fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
+fn terminate(child: &mut ChildGuard) -> Result<std::process::ExitStatus> {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;
@@ -383,12 +384,22 @@ async fn kill_dash_nine_loop_loses_and_doubles_nothing() -> Result<()> {
     }
     producing.await??;
     let mut last = world.spawn_runner();
+    // Up (its signal handlers are installed before it starts): stopping it is then a drain.
+    let up = wait_for_async(Duration::from_secs(60), || async {
+        http_get(world.status, "/health").await.is_ok()
+    })
+    .await;
     let done = world
         .wait_all_in_postgres(campaigns, Duration::from_secs(180))
         .await;
     let status = terminate(&mut last)?;
+    assert!(up, "the last runner came up");
     assert!(done, "the last runner delivered everything");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the last runner exits 0 on SIGTERM: {status:?}"
+    );
     let counts = world.invariant(campaigns).await?;
     assert_eq!(
         counts,

@@ -306,10 +306,12 @@ async fn sigterm_drains_and_exits_zero_and_the_next_start_doubles_nothing() -> a
         .map(|id| campaign(R0, id, now - 3600, now + 3600))
         .collect();
     let spawn = || {
-        std::process::Command::new(runner_binary())
-            .args(["--log", "warn", "run", "--config", file.to_str().unwrap()])
-            .spawn()
-            .expect("runner starts")
+        ChildGuard(
+            std::process::Command::new(runner_binary())
+                .args(["--log", "warn", "run", "--config", file.to_str().unwrap()])
+                .spawn()
+                .expect("runner starts"),
+        )
     };
     let rows = |n: i64| {
         let db = db.clone();
