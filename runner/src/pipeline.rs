@@ -33,6 +33,9 @@ pub mod header {
     pub const SOURCE_PARTITION: &str = "source-partition";
     pub const SOURCE_OFFSET: &str = "source-offset";
     pub const ADV_CAMPAIGN_ID: &str = "adv-campaign-id";
+    /// One id per Kafka transaction attempt: records of an attempt that never committed (which
+    /// a broker that does not abort it may still show) are told apart from the committed one.
+    pub const TX_ATTEMPT: &str = "tx-attempt";
     pub const DLQ_REASON: &str = "dlq-reason";
     pub const DLQ_DETAIL: &str = "dlq-detail";
     pub const DLQ_FIELD: &str = "dlq-field";

@@ -117,10 +117,15 @@ impl TxProducer {
         group: ConsumerGroupMetadata,
     ) -> Result<(), TxError> {
         self.producer.begin_transaction().map_err(classify)?;
+        let attempt = uuid::Uuid::new_v4().to_string();
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             loop {
-                let mut rec = FutureRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
+                let headers = r.headers.clone().insert(Header {
+                    key: crate::pipeline::header::TX_ATTEMPT,
+                    value: Some(attempt.as_bytes()),
+                });
+                let mut rec = FutureRecord::<[u8], [u8]>::to(r.topic).headers(headers);
                 if let Some(k) = r.key {
                     rec = rec.key(k);
                 }
