@@ -42,19 +42,26 @@ pub enum TxError {
     Retry(KafkaError),
 }
 
+/// Errors after which this runner must stop writing for the partition: the producer was
+/// fenced, or the consumer is no longer a member of the generation that owns the partition (for
+/// instance after a sink outage longer than `max.poll.interval.ms`). The pipeline then polls
+/// again, rejoins, and takes the partition over properly (recovering its outbox).
+const FENCING_CODES: &[RDKafkaErrorCode] = &[
+    RDKafkaErrorCode::Fenced,
+    RDKafkaErrorCode::ProducerFenced,
+    RDKafkaErrorCode::InvalidProducerEpoch,
+    RDKafkaErrorCode::IllegalGeneration,
+    RDKafkaErrorCode::UnknownMemberId,
+    RDKafkaErrorCode::FencedInstanceId,
+    RDKafkaErrorCode::RebalanceInProgress,
+];
+
 fn classify(e: KafkaError) -> TxError {
-    let fatal = match &e {
-        KafkaError::Transaction(r) => r.is_fatal(),
-        other => matches!(
-            other.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::Fenced
-                    | RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-            )
-        ),
-    };
-    if fatal {
+    let fatal = matches!(&e, KafkaError::Transaction(r) if r.is_fatal());
+    let fencing = e
+        .rdkafka_error_code()
+        .is_some_and(|c| FENCING_CODES.contains(&c));
+    if fatal || fencing {
         TxError::Fenced(e)
     } else {
         TxError::Retry(e)
@@ -178,5 +185,40 @@ impl TxProducer {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losing_the_group_generation_gives_the_partition_up() {
+        for code in [
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::ProducerFenced,
+        ] {
+            assert!(
+                matches!(
+                    classify(KafkaError::MessageProduction(code)),
+                    TxError::Fenced(_)
+                ),
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert!(
+                matches!(
+                    classify(KafkaError::MessageProduction(code)),
+                    TxError::Retry(_)
+                ),
+                "{code:?}"
+            );
+        }
     }
 }
