@@ -46,6 +46,7 @@ demo: build
 
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms
+	@bash scripts/drop-test-dbs.sh
 	cargo test --workspace --no-fail-fast
 
 ## A long crash loop against tansu (kill -9 at random moments), e.g. CRASH_LOOPS=200.
