@@ -7,6 +7,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::ClientConfig;
+use runner::app::{self, RunOptions, Running};
+use runner::config::{Config, Sources};
 use std::process::Command;
 
 pub enum Broker {
@@ -54,6 +56,34 @@ impl Broker {
             Broker::Tansu { port } => format!("127.0.0.1:{port}"),
             Broker::Mock(m) => m.bootstrap_servers(),
         }
+    }
+
+    /// Creates fresh input/output/dead-letter topics and starts a runner on them in-process;
+    /// `rules_extra` is more TOML for its `[rules]` section. Returns it and its input topic.
+    pub async fn start_runner(
+        &self,
+        url: &str,
+        rules: &std::path::Path,
+        rules_extra: &str,
+    ) -> Result<(Running, String)> {
+        let id = uuid::Uuid::new_v4();
+        let (input, output, dlq) = (format!("in-{id}"), format!("out-{id}"), format!("dlq-{id}"));
+        self.create_topic(&input, 4).await?;
+        self.create_topic(&output, 4).await?;
+        self.create_topic(&dlq, 1).await?;
+        let overlay = format!(
+            "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
+             group_id = \"bench-{id}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n{rules_extra}",
+            self.brokers(),
+            rules.display()
+        );
+        let config = Config::load(&Sources {
+            file: None,
+            overlay: Some(&overlay),
+            env: false,
+        })?;
+        Ok((app::start(config, RunOptions::default()).await?, input))
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {

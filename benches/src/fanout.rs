@@ -12,14 +12,12 @@ use anyhow::{Context, Result};
 use futures::pin_mut;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use runner::app::{self, RunOptions};
-use runner::config::{Config, Sources};
 use runner::events::Events;
 use runner::sink::feedback::{FeedbackRow, FeedbackSink, OutboxEntry, Target};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 
 const NOW: i64 = 1_700_000_000;
 
@@ -45,18 +43,6 @@ async fn pg_copy_alone(
 ) -> Result<f64> {
     let mut c = runner::db::connect(url).await?;
     c.batch_execute("DROP INDEX IF EXISTS subscribers_feedback_campaign_client_key; TRUNCATE subscribers_feedback").await?;
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::TEXT,
-        Type::INT4,
-    ];
     let t = Instant::now();
     let total = campaigns.len() * clients.len();
     let mut done = 0;
@@ -69,7 +55,7 @@ async fn pg_copy_alone(
                  client_id, trigger_datetime_created) FROM STDIN (FORMAT binary)",
             )
             .await?;
-        let w = BinaryCopyInWriter::new(sink, &types);
+        let w = BinaryCopyInWriter::new(sink, &runner::sink::feedback::COLUMN_TYPES);
         pin_mut!(w);
         for i in done..(done + chunk).min(total) {
             let (camp, client) = (&campaigns[i / clients.len()], &clients[i % clients.len()]);
@@ -234,28 +220,7 @@ async fn fanout(
         ))
         .await?;
     }
-    let (input, output, dlq) = (
-        format!("in-{}", uuid::Uuid::new_v4()),
-        format!("out-{}", uuid::Uuid::new_v4()),
-        format!("dlq-{}", uuid::Uuid::new_v4()),
-    );
-    broker.create_topic(&input, 4).await?;
-    broker.create_topic(&output, 4).await?;
-    broker.create_topic(&dlq, 1).await?;
-    let overlay = format!(
-        "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
-         group_id = \"bench-{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-         [postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n",
-        broker.brokers(),
-        uuid::Uuid::new_v4(),
-        rules.display()
-    );
-    let config = Config::load(&Sources {
-        file: None,
-        overlay: Some(&overlay),
-        env: false,
-    })?;
-    let running = app::start(config, RunOptions::default()).await?;
+    let (running, input) = broker.start_runner(url, rules, "").await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.brokers())
         .create()?;

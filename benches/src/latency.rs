@@ -9,8 +9,7 @@ use crate::report::{percentile, Report};
 use anyhow::Result;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use runner::app::{self, RunOptions, Running};
-use runner::config::{Config, Sources};
+use runner::app::Running;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -105,29 +104,11 @@ pub async fn run(
     std::fs::create_dir_all(&dir)?;
     let live = dir.join("rules.wasm");
     std::fs::copy(rules, &live)?;
-    let (input, output, dlq) = (
-        format!("in-{}", uuid::Uuid::new_v4()),
-        format!("out-{}", uuid::Uuid::new_v4()),
-        format!("dlq-{}", uuid::Uuid::new_v4()),
-    );
-    broker.create_topic(&input, 4).await?;
-    broker.create_topic(&output, 4).await?;
-    broker.create_topic(&dlq, 1).await?;
-    let overlay = format!(
-        "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
-         group_id = \"bench-{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-         [postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\nsettle = \"50ms\"\ncompile_cache_dir = \"{}\"\n",
-        broker.brokers(),
-        uuid::Uuid::new_v4(),
-        live.display(),
+    let rules_extra = format!(
+        "settle = \"50ms\"\ncompile_cache_dir = \"{}\"\n",
         dir.join("compiled").display()
     );
-    let config = Config::load(&Sources {
-        file: None,
-        overlay: Some(&overlay),
-        env: false,
-    })?;
-    let running = app::start(config, RunOptions::default()).await?;
+    let (running, input) = broker.start_runner(&url, &live, &rules_extra).await?;
     // Warm-up: join the group, compile both versions once (the cache then serves swaps).
     steady_load(
         &running,

@@ -20,7 +20,8 @@ const INSERT_SQL: &str = include_str!("../../sql/feedback_insert.sql");
 const COPY_OUTBOX_SQL: &str = "COPY public.campaign_runner_outbox \
     (topic, partition, source_offset, target, keys, payloads, headers) FROM STDIN (FORMAT binary)";
 
-const COLUMN_TYPES: [Type; 10] = [
+/// The types of the feedback columns the runner writes, in `copy_feedback.sql`'s order.
+pub const COLUMN_TYPES: [Type; 10] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
