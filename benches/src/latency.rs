@@ -10,8 +10,19 @@ use anyhow::Result;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use runner::app::Running;
+use runner::events::stage;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// The unit stages the runner times, in the order a message goes through them.
+const STAGE_ORDER: [&str; 6] = [
+    stage::FETCH,
+    stage::QUEUED,
+    stage::EVALUATE,
+    stage::POSTGRES,
+    stage::KAFKA,
+    stage::OUTBOX_DELETE,
+];
 
 async fn steady_load(
     running: &Running,
@@ -126,6 +137,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut report = Report::new("latency");
+    let mut stage_figures = std::collections::BTreeMap::new();
     let (mut p50, mut p99, mut max, mut s99, mut delta, mut swaps) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for run in 1..=runs {
@@ -139,6 +151,17 @@ pub async fn run(
             |_| {},
         )
         .await?;
+        for (name, q) in running.events.stages() {
+            eprintln!(
+                "bench latency: run {run}/{runs}: stage {name:<13} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  ({} samples)",
+                q.p50_ms, q.p99_ms, q.max_ms, q.samples
+            );
+            let s = stage_figures
+                .entry(name)
+                .or_insert_with(|| (vec![], vec![]));
+            s.0.push(q.p50_ms);
+            s.1.push(q.p99_ms);
+        }
         let before = running.stats().rules.swaps;
         let mut next_swap = swap_every;
         let mut flip = false;
@@ -183,6 +206,12 @@ pub async fn run(
     report.add("latency p99 while swapping the rules", "ms", s99, None);
     report.add("p99 added by swapping", "ms", delta, Some(("<=", 5.0)));
     report.add("swaps during the swapping phase", "count", swaps, None);
+    for name in STAGE_ORDER {
+        if let Some((p50, p99)) = stage_figures.remove(name) {
+            report.add(&format!("stage {name}: p50"), "ms", p50, None);
+            report.add(&format!("stage {name}: p99"), "ms", p99, None);
+        }
+    }
     report.notes.push(format!(
         "Broker: {}. {rate} campaigns/s x {subscribers} subscribers for {secs} s per phase; swaps every {:?} in the second phase.",
         broker.label(),

@@ -102,6 +102,7 @@ pub struct RawPipeline {
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
     pub batch_max_drafts: usize,
+    pub parallel_units: usize,
     pub max_message_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub sink_retry_max_backoff: Duration,
@@ -181,6 +182,8 @@ pub struct PipelineConfig {
     pub batch_max_messages: usize,
     pub batch_linger: Duration,
     pub batch_max_drafts: usize,
+    /// Units of different partitions committed at once, each on its own PostgreSQL connection.
+    pub parallel_units: usize,
     pub max_message_bytes: usize,
     pub sink_retry_max_backoff: Duration,
     pub shutdown_timeout: Duration,
@@ -308,6 +311,9 @@ impl RawConfig {
         if p.batch_max_drafts == 0 {
             problems.push("pipeline.batch_max_drafts must be at least 1".into());
         }
+        if p.parallel_units == 0 {
+            problems.push("pipeline.parallel_units must be at least 1".into());
+        }
         if p.max_message_bytes == 0 {
             problems.push("pipeline.max_message_bytes must be at least 1".into());
         }
@@ -359,6 +365,7 @@ impl RawConfig {
                 batch_max_messages: p.batch_max_messages,
                 batch_linger: p.batch_linger,
                 batch_max_drafts: p.batch_max_drafts,
+                parallel_units: p.parallel_units,
                 max_message_bytes: p.max_message_bytes,
                 sink_retry_max_backoff: p.sink_retry_max_backoff,
                 shutdown_timeout: p.shutdown_timeout,
@@ -378,6 +385,10 @@ impl KafkaConfig {
     pub fn consumer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("auto.offset.reset", "earliest");
+        // A broker that does not answer a waiting fetch as soon as data arrives (tansu, seen
+        // here) would hold every campaign up to this long; librdkafka's default is 500 ms. Costs
+        // one empty fetch per broker every 5 ms while the input is idle.
+        c.set("fetch.wait.max.ms", "5");
         for (k, v) in self.common.iter().chain(&self.consumer) {
             c.set(k, v);
         }
@@ -393,7 +404,13 @@ impl KafkaConfig {
     /// Client config for the producer of drafts and dead letters.
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("linger.ms", "5");
+        // A unit's records are all enqueued at once and then awaited: lingering would only
+        // delay the last batch of every transaction.
+        c.set("linger.ms", "0");
+        // A transaction that starts while the broker still finishes the previous one is told
+        // CONCURRENT_TRANSACTIONS and retried after this; librdkafka's 100 ms default showed up
+        // as 100 ms latency spikes.
+        c.set("retry.backoff.ms", "10");
         for (k, v) in self.common.iter().chain(&self.producer) {
             c.set(k, v);
         }
@@ -421,7 +438,7 @@ mod tests {
         let c = load("").expect("defaults validate");
         assert_eq!(c.kafka.input_topic, "campaigns");
         assert_eq!(c.rules.memory_limit_bytes, 64 << 20);
-        assert_eq!(c.pipeline.batch_linger, Duration::from_millis(5));
+        assert_eq!(c.pipeline.batch_linger, Duration::ZERO);
     }
 
     #[test]

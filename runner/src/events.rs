@@ -62,6 +62,26 @@ pub struct Events {
     rules: Mutex<RulesStatus>,
     /// Latest end-to-end latencies (µs): message timestamp to both sinks committed.
     latencies: Mutex<std::collections::VecDeque<u64>>,
+    /// Latest durations (µs) of each stage a unit goes through, by stage name.
+    stages: Mutex<BTreeMap<&'static str, std::collections::VecDeque<u64>>>,
+}
+
+/// How many samples of each stage's duration are kept (the most recent).
+const STAGE_SAMPLES: usize = 10_000;
+
+/// The stages of a unit, in order, timed for /status and the benchmarks: `fetch` and `queued`
+/// from the message's Kafka timestamp (broker, fetch, batching, waiting for earlier units),
+/// then evaluation, the PostgreSQL transaction, the Kafka transaction, and the
+/// outbox cleanup.
+pub mod stage {
+    /// From the message's Kafka timestamp to the consumer handing it to the pipeline.
+    pub const FETCH: &str = "fetch";
+    /// From the message's Kafka timestamp to its evaluation starting (fetch included).
+    pub const QUEUED: &str = "queued";
+    pub const EVALUATE: &str = "evaluate";
+    pub const POSTGRES: &str = "postgres";
+    pub const KAFKA: &str = "kafka";
+    pub const OUTBOX_DELETE: &str = "outbox_delete";
 }
 
 /// How many latency samples are kept (the most recent).
@@ -182,24 +202,31 @@ impl Events {
 
     pub fn clear_latencies(&self) {
         self.latencies.lock().expect("latency lock").clear();
+        self.stages.lock().expect("stage lock").clear();
+    }
+
+    /// One run of stage `name` took `us` microseconds.
+    pub fn stage_time(&self, name: &'static str, us: u64) {
+        let mut stages = self.stages.lock().expect("stage lock");
+        let l = stages.entry(name).or_default();
+        if l.len() == STAGE_SAMPLES {
+            l.pop_front();
+        }
+        l.push_back(us);
+    }
+
+    /// Quantiles of each stage's kept durations.
+    pub fn stages(&self) -> BTreeMap<&'static str, Latency> {
+        let stages = self.stages.lock().expect("stage lock");
+        stages
+            .iter()
+            .map(|(k, v)| (*k, quantiles(v.iter().copied().collect())))
+            .collect()
     }
 
     /// Quantiles over the kept samples (computed on request: /status, benchmarks).
     pub fn latency(&self) -> Latency {
-        let mut v = self.latency_samples();
-        if v.is_empty() {
-            return Latency::default();
-        }
-        v.sort_unstable();
-        let q = |p: f64| {
-            v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0
-        };
-        Latency {
-            samples: v.len(),
-            p50_ms: q(0.50),
-            p99_ms: q(0.99),
-            max_ms: *v.last().expect("non-empty") as f64 / 1000.0,
-        }
+        quantiles(self.latency_samples())
     }
 
     pub fn cache_resynced(&self) {
@@ -303,6 +330,22 @@ impl Events {
         }
         tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
         self.sink_retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// p50, p99 and max of samples in µs, reported in milliseconds.
+fn quantiles(mut v: Vec<u64>) -> Latency {
+    if v.is_empty() {
+        return Latency::default();
+    }
+    v.sort_unstable();
+    let q =
+        |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0;
+    Latency {
+        samples: v.len(),
+        p50_ms: q(0.50),
+        p99_ms: q(0.99),
+        max_ms: *v.last().expect("non-empty") as f64 / 1000.0,
     }
 }
 

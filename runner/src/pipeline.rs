@@ -9,9 +9,11 @@
 
 use crate::cache::{Snapshot, SubscriberCache};
 use crate::config::PipelineConfig;
-use crate::events::{Events, SkipReason, SourcePos};
+use crate::events::{stage, Events, SkipReason, SourcePos};
 use crate::rules::{Activity, Drafts, Evaluator, RulesIdentity};
-use crate::sink::feedback::{CommitError, FeedbackRow, FeedbackSink, Fence, OutboxEntry, Target};
+use crate::sink::feedback::{
+    CommitError, FeedbackRow, FeedbackSink, Fence, Kept, OutboxEntry, Target,
+};
 use crate::sink::kafka::{headers, OutRecord, TxError, TxProducer};
 use crate::sink::{pause, stopped, Abandoned, Backoff};
 use crate::source::{CampaignConsumer, RebalanceEvent, Rebalances};
@@ -97,6 +99,17 @@ struct Owned {
     fence: Fence,
     producer: TxProducer,
     next_offset: i64,
+    /// The offset through which this runner published the partition's outbox entries and has
+    /// not deleted them yet.
+    published_through: Option<i64>,
+}
+
+/// What became of a unit.
+enum Committed {
+    /// Durable in both sinks, through this input offset.
+    Yes { last: i64 },
+    /// The partition was taken by another runner; the unit is left to it.
+    Fenced,
 }
 
 /// Everything the loop owns.
@@ -114,7 +127,10 @@ pub struct Pipeline {
     /// `transactional.id` = this prefix + topic + partition.
     pub(crate) transactional_prefix: String,
     pub(crate) instance_id: String,
+    /// For taking partitions over and cleaning outboxes.
     pub(crate) feedback: FeedbackSink,
+    /// One per unit committed at the same time (`parallel_units`).
+    unit_sinks: Vec<FeedbackSink>,
     pub(crate) events: Arc<Events>,
     pub(crate) clock: Arc<dyn Clock>,
     owned: HashMap<(String, i32), Owned>,
@@ -127,6 +143,9 @@ impl std::fmt::Debug for Pipeline {
             .finish_non_exhaustive()
     }
 }
+
+/// A partition idle this long has the outbox entries of its last unit deleted.
+const IDLE_OUTBOX_CLEANUP: Duration = Duration::from_millis(500);
 
 /// Kafka transactions wait this long for the broker.
 const TX_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,7 +167,11 @@ impl Pipeline {
         events: Arc<Events>,
         clock: Arc<dyn Clock>,
     ) -> Pipeline {
+        let unit_sinks = (0..cfg.parallel_units)
+            .map(|_| feedback.clone_unconnected())
+            .collect();
         Pipeline {
+            unit_sinks,
             cfg,
             output_topic,
             dead_letter_topic,
@@ -174,6 +197,14 @@ impl Pipeline {
         mut shutdown: watch::Receiver<bool>,
         hard_stop: watch::Receiver<bool>,
     ) {
+        // The unit connections are made up front (a failure here is retried by the first unit
+        // that needs the connection).
+        let warm = futures::future::join_all(self.unit_sinks.iter_mut().map(|s| s.warm_up()));
+        if let Ok(results) = tokio::time::timeout(Duration::from_secs(5), warm).await {
+            for e in results.into_iter().filter_map(Result::err) {
+                tracing::debug!(error = %e, "A unit connection could not be made yet.");
+            }
+        }
         loop {
             if *shutdown.borrow() {
                 break;
@@ -186,6 +217,12 @@ impl Pipeline {
                 _ = stopped(&mut shutdown) => break,
                 _ = self.rebalances.notify.notified() => continue,
                 m = self.consumer.recv() => m,
+                _ = tokio::time::sleep(IDLE_OUTBOX_CLEANUP),
+                    if self.owned.values().any(|o| o.published_through.is_some()) =>
+                {
+                    self.clean_idle_outboxes(hard_stop.clone()).await;
+                    continue;
+                }
             };
             let first = match first {
                 Ok(m) => m.detach(),
@@ -196,6 +233,13 @@ impl Pipeline {
                 }
             };
             let batch = self.fill_batch(first).await;
+            let now_us = unix_micros();
+            for m in &batch {
+                if let Some(ms) = m.timestamp().to_millis() {
+                    self.events
+                        .stage_time(stage::FETCH, (now_us - ms * 1000).max(0) as u64);
+                }
+            }
             if self.process(batch, hard_stop.clone()).await.is_err() {
                 tracing::warn!("Stopping hard: the unit in hand was not completed; it is consumed again from the committed offset.");
                 break;
@@ -204,9 +248,25 @@ impl Pipeline {
         tracing::info!("Pipeline drained.");
     }
 
-    /// Takes more messages after the first until the batch is full or the input pauses.
+    /// Takes more messages after the first: every one already fetched (natural batching: the
+    /// longer the previous batch took, the more are waiting), then, if `batch_linger` is set,
+    /// whatever arrives within it, until the batch is full.
     async fn fill_batch(&self, first: OwnedMessage) -> Vec<OwnedMessage> {
+        use futures::FutureExt;
         let mut batch = vec![first];
+        while batch.len() < self.cfg.batch_max_messages {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer error.");
+                    return batch;
+                }
+                None => break,
+            }
+        }
+        if self.cfg.batch_linger.is_zero() {
+            return batch;
+        }
         let deadline = tokio::time::Instant::now() + self.cfg.batch_linger;
         while batch.len() < self.cfg.batch_max_messages {
             tokio::select! {
@@ -300,11 +360,8 @@ impl Pipeline {
             .collect();
         let mut next_offset = committed.unwrap_or(0);
         if let Some(last) = pending.last().map(|e| e.source_offset) {
-            let records = self.records(&pending);
-            let refs: Vec<OutRecord<'_>> = records
-                .iter()
-                .map(|r| r.as_out(&self.output_topic, &self.dead_letter_topic))
-                .collect();
+            let records = self.records(&pending, &Kept::all(&pending));
+            let refs = records.out(&self.output_topic, &self.dead_letter_topic);
             if !self
                 .publish(&producer, topic, partition, last, &refs, &mut stop)
                 .await?
@@ -341,6 +398,7 @@ impl Pipeline {
                 fence,
                 producer,
                 next_offset,
+                published_through: None,
             },
         );
         Ok(())
@@ -481,32 +539,57 @@ impl Pipeline {
         // A swap of the rules takes effect here, between batches: one batch, one rules version.
         worker.evaluator.refresh();
         let mut result = Ok(());
-        'parts: for (key, mut rest) in parts {
-            while !rest.is_empty() {
-                // Never join against a snapshot known to be stale (first load, lost connection).
-                if self.cache.is_stale() {
-                    tracing::info!("Waiting for the subscriber cache to be resynchronised.");
-                    self.cache.wait_fresh().await;
+        // In rounds: one unit of each partition that has messages left is evaluated, then those
+        // units are made durable at the same time (each partition has its own fence, producer
+        // and transactions; units of one partition stay in order, one round apart).
+        while !parts.is_empty() {
+            // Never join against a snapshot known to be stale (first load, lost connection).
+            if self.cache.is_stale() {
+                tracing::info!("Waiting for the subscriber cache to be resynchronised.");
+                self.cache.wait_fresh().await;
+            }
+            let started = Instant::now();
+            let started_wall_us = unix_micros();
+            let snapshot = self.cache.snapshot();
+            let clock = self.clock.clone();
+            let cfg = self.cfg.clone();
+            let (w, units, remaining, snapshot) = tokio::task::spawn_blocking(move || {
+                let mut w = worker;
+                let mut units = Vec::new();
+                for (key, rest) in parts.iter_mut() {
+                    units.push((
+                        key.clone(),
+                        evaluate_group(&mut w, rest, &snapshot, &*clock, &cfg),
+                    ));
                 }
-                let started = Instant::now();
-                let snapshot = self.cache.snapshot();
-                let clock = self.clock.clone();
-                let cfg = self.cfg.clone();
-                let (w, (group, snapshot), remaining) = tokio::task::spawn_blocking(move || {
-                    let mut w = worker;
-                    let group = evaluate_group(&mut w, &mut rest, &snapshot, &*clock, &cfg);
-                    (w, (group, snapshot), rest)
-                })
-                .await
-                .expect("rules evaluation does not panic");
-                worker = w;
-                rest = remaining;
-                let identity = worker.evaluator.identity().clone();
-                match self
-                    .commit_unit(&key, &group, &identity, snapshot.version(), stop.clone())
-                    .await
-                {
-                    Ok(true) => {
+                parts.retain(|_, rest| !rest.is_empty());
+                (w, units, parts, snapshot)
+            })
+            .await
+            .expect("rules evaluation does not panic");
+            worker = w;
+            parts = remaining;
+            self.events
+                .stage_time(stage::EVALUATE, started.elapsed().as_micros() as u64);
+            for (_, group) in &units {
+                for e in group {
+                    if let Some(ms) = e.msg.timestamp().to_millis() {
+                        self.events
+                            .stage_time(stage::QUEUED, (started_wall_us - ms * 1000).max(0) as u64);
+                    }
+                }
+            }
+            let identity = worker.evaluator.identity().clone();
+            let outcomes = self
+                .commit_units(&units, &identity, snapshot.version(), &stop)
+                .await;
+            for ((key, group), outcome) in units.iter().zip(outcomes) {
+                match outcome {
+                    Ok(Committed::Yes { last }) => {
+                        if let Some(o) = self.owned.get_mut(key) {
+                            o.next_offset = last + 1;
+                            o.published_through = Some(last);
+                        }
                         let drafts: usize = group
                             .iter()
                             .map(|e| match &e.outcome {
@@ -514,38 +597,78 @@ impl Pipeline {
                                 _ => 0,
                             })
                             .sum();
-                        self.report(&group, &identity);
-                        self.record_latency(&group);
+                        self.report(group, &identity);
+                        self.record_latency(group);
                         self.events
                             .batch_committed(group.len(), drafts, started.elapsed());
                     }
-                    Ok(false) => continue 'parts,
-                    Err(e) => {
-                        result = Err(e);
-                        break 'parts;
+                    Ok(Committed::Fenced) => {
+                        // The partition is another runner's now: its unit and the rest of its
+                        // messages are left to it.
+                        self.owned.remove(key);
+                        parts.remove(key);
                     }
+                    Err(e) => result = Err(e),
                 }
+            }
+            if result.is_err() {
+                break;
             }
         }
         self.worker = Some(worker);
         result
     }
 
-    /// Makes one unit (a run of one partition's messages) durable: PostgreSQL first (drafts,
-    /// outbox), then Kafka (records + offset, one transaction), then the outbox is cleared.
-    /// Ok(false): the partition was taken by another runner; its unit is left to it.
-    async fn commit_unit(
+    /// Makes units of different partitions durable at the same time, at most
+    /// `parallel_units` at once, each on its own PostgreSQL connection. One outcome per unit,
+    /// in order.
+    async fn commit_units(
         &mut self,
+        units: &[((String, i32), Vec<Evaluated>)],
+        rules: &RulesIdentity,
+        snapshot_version: u64,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<Result<Committed, Abandoned>> {
+        let mut sinks = std::mem::take(&mut self.unit_sinks);
+        let mut outcomes = Vec::with_capacity(units.len());
+        {
+            let this = &*self;
+            for chunk in units.chunks(sinks.len()) {
+                let done = futures::future::join_all(chunk.iter().zip(sinks.iter_mut()).map(
+                    |((key, group), sink)| {
+                        this.commit_unit(sink, key, group, rules, snapshot_version, stop.clone())
+                    },
+                ))
+                .await;
+                outcomes.extend(done);
+            }
+        }
+        self.unit_sinks = sinks;
+        outcomes
+    }
+
+    /// Makes one unit (a run of one partition's messages) durable: PostgreSQL first (drafts,
+    /// outbox, and the cleanup of the outbox entries the previous unit published), then Kafka
+    /// (records + offset, one transaction). The unit's own outbox entries are deleted by the
+    /// partition's next unit (or by whoever recovers the partition, judging by the committed
+    /// offset).
+    async fn commit_unit(
+        &self,
+        sink: &mut FeedbackSink,
         key: &(String, i32),
         group: &[Evaluated],
         rules: &RulesIdentity,
         snapshot_version: u64,
         mut stop: watch::Receiver<bool>,
-    ) -> Result<bool, Abandoned> {
+    ) -> Result<Committed, Abandoned> {
         let Some(owned) = self.owned.get(key) else {
-            return Ok(false);
+            return Ok(Committed::Fenced);
         };
-        let (fence, producer) = (owned.fence.clone(), owned.producer.clone());
+        let (fence, producer, published_through) = (
+            owned.fence.clone(),
+            owned.producer.clone(),
+            owned.published_through,
+        );
         let last = group
             .last()
             .map(|e| e.pos.offset)
@@ -553,42 +676,62 @@ impl Pipeline {
         let (rows, entries) = self.unit_outputs(group, rules, snapshot_version);
         let events = self.events.clone();
         let backoff = self.cfg.sink_retry_max_backoff;
-        let kept = match self
-            .feedback
-            .commit(&fence, &rows, &entries, &events, backoff, &mut stop)
-            .await
-        {
+        let t = Instant::now();
+        let committed = sink
+            .commit(
+                &fence,
+                &rows,
+                &entries,
+                published_through,
+                &events,
+                backoff,
+                &mut stop,
+            )
+            .await;
+        self.events
+            .stage_time(stage::POSTGRES, t.elapsed().as_micros() as u64);
+        let kept = match committed {
             Ok(kept) => kept,
             Err(CommitError::Fenced { .. }) => {
                 self.events.fenced(&key.0, key.1, "postgres");
-                self.owned.remove(key);
-                return Ok(false);
+                return Ok(Committed::Fenced);
             }
             Err(CommitError::Abandoned(a)) => return Err(a),
         };
         drop(rows);
-        let records = self.records(&kept);
-        let refs: Vec<OutRecord<'_>> = records
-            .iter()
-            .map(|r| r.as_out(&self.output_topic, &self.dead_letter_topic))
-            .collect();
-        if !self
+        let records = self.records(&entries, &kept);
+        let refs = records.out(&self.output_topic, &self.dead_letter_topic);
+        let t = Instant::now();
+        let published = self
             .publish(&producer, &key.0, key.1, last, &refs, &mut stop)
-            .await?
-        {
-            self.owned.remove(key);
-            return Ok(false);
+            .await?;
+        self.events
+            .stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
+        Ok(if published {
+            Committed::Yes { last }
+        } else {
+            Committed::Fenced
+        })
+    }
+
+    /// Deletes the outbox entries of partitions that have been idle since their last unit was
+    /// published (a busy partition's next unit deletes them in its own transaction).
+    async fn clean_idle_outboxes(&mut self, stop: watch::Receiver<bool>) {
+        let events = self.events.clone();
+        let backoff = self.cfg.sink_retry_max_backoff;
+        for o in self.owned.values_mut() {
+            if let Some(through) = o.published_through {
+                let mut stop = stop.clone();
+                if self
+                    .feedback
+                    .delete_outbox(&o.fence, through, &events, backoff, &mut stop)
+                    .await
+                    .is_ok()
+                {
+                    o.published_through = None;
+                }
+            }
         }
-        // If this fails the entries stay; the next owner's recovery finds them below the
-        // committed offset and deletes them.
-        let _ = self
-            .feedback
-            .delete_outbox(&fence, last, &events, backoff, &mut stop)
-            .await;
-        if let Some(o) = self.owned.get_mut(key) {
-            o.next_offset = last + 1;
-        }
-        Ok(true)
     }
 
     /// The feedback rows and outbox entries of a unit, from its in-memory results.
@@ -696,29 +839,31 @@ impl Pipeline {
         (rows, entries)
     }
 
-    /// Kafka records of outbox entries (headers built once per entry).
-    fn records<'e>(&self, entries: &'e [OutboxEntry]) -> Vec<Rec<'e>> {
-        let mut out = Vec::new();
-        for e in entries {
-            let h = headers(e.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
-            for (k, p) in e.keys.iter().zip(&e.payloads) {
-                out.push(Rec {
-                    target: e.target,
-                    key: k.as_deref(),
-                    payload: p.as_deref(),
-                    headers: h.clone(),
-                });
-            }
+    /// The Kafka records of what was kept of outbox entries.
+    fn records<'e>(&self, entries: &'e [OutboxEntry], kept: &[Kept]) -> Records<'e> {
+        let mut out = Records {
+            headers: Vec::with_capacity(kept.len()),
+            records: Vec::new(),
+        };
+        for k in kept {
+            let e = &entries[k.entry];
+            out.headers.push(headers(
+                e.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+            ));
+            let h = out.headers.len() - 1;
+            out.records.extend(k.records(e).map(|i| Rec {
+                target: e.target,
+                key: e.keys[i].as_deref(),
+                payload: e.payloads[i].as_deref(),
+                headers: h,
+            }));
         }
         out
     }
 
     /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
     fn record_latency(&self, group: &[Evaluated]) {
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        let now_us = unix_micros();
         for e in group {
             if let Some(ms) = e.msg.timestamp().to_millis() {
                 self.events
@@ -749,25 +894,34 @@ impl Pipeline {
     }
 }
 
-/// A record to publish, borrowing from an outbox entry.
+/// Records to publish, borrowing from outbox entries; the headers are built once per entry.
+struct Records<'e> {
+    headers: Vec<rdkafka::message::OwnedHeaders>,
+    records: Vec<Rec<'e>>,
+}
+
 struct Rec<'e> {
     target: Target,
     key: Option<&'e [u8]>,
     payload: Option<&'e [u8]>,
-    headers: rdkafka::message::OwnedHeaders,
+    /// Index into `Records::headers`.
+    headers: usize,
 }
 
-impl<'e> Rec<'e> {
-    fn as_out<'a>(&'a self, output: &'a str, dead_letters: &'a str) -> OutRecord<'a> {
-        OutRecord {
-            topic: match self.target {
-                Target::Drafts => output,
-                Target::DeadLetters => dead_letters,
-            },
-            key: self.key,
-            payload: self.payload,
-            headers: self.headers.clone(),
-        }
+impl<'e> Records<'e> {
+    fn out<'a>(&'a self, output: &'a str, dead_letters: &'a str) -> Vec<OutRecord<'a>> {
+        self.records
+            .iter()
+            .map(|r| OutRecord {
+                topic: match r.target {
+                    Target::Drafts => output,
+                    Target::DeadLetters => dead_letters,
+                },
+                key: r.key,
+                payload: r.payload,
+                headers: &self.headers[r.headers],
+            })
+            .collect()
     }
 }
 
@@ -878,4 +1032,12 @@ fn evaluate_one(
             )
         }
     }
+}
+
+/// Wall-clock time in microseconds since the unix epoch (Kafka timestamps are wall-clock).
+fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }

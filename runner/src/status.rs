@@ -80,6 +80,7 @@ async fn status(State(events): State<Arc<Events>>) -> impl IntoResponse {
         "degraded": degraded,
         "stats": stats,
         "latency": events.latency(),
+        "stages": events.stages(),
     }))
 }
 

@@ -1,8 +1,9 @@
 //! The PostgreSQL side of delivery. One transaction per run of a partition's messages:
 //! check that this runner still owns the partition (fence), insert the drafts idempotently
-//! (binary COPY into a staging table, then `INSERT … ON CONFLICT DO NOTHING RETURNING`), and put
-//! what must reach Kafka — the drafts that were new, the dead letters — in the outbox, from
-//! which it is published and then deleted once Kafka's transaction committed.
+//! (binary COPY straight into the table, whose unique index refuses a pair already there; if it
+//! does, a COPY into a staging table and `INSERT … ON CONFLICT DO NOTHING RETURNING` instead),
+//! and put what must reach Kafka — the drafts that were new, the dead letters — in the outbox,
+//! from which it is published and then deleted once Kafka's transaction committed.
 
 use super::{pause, Abandoned, Backoff};
 use crate::db::{self, DbError};
@@ -11,14 +12,24 @@ use futures::{pin_mut, TryStreamExt};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 const STAGE_SQL: &str = include_str!("../../sql/feedback_stage.sql");
 const COPY_SQL: &str = include_str!("../../sql/copy_feedback.sql");
 const INSERT_SQL: &str = include_str!("../../sql/feedback_insert.sql");
+const COPY_DIRECT_SQL: &str = "COPY public.subscribers_feedback (restaurant_id, adv_campaign_id, \
+    adv_campaign_content, adv_campaign_owner, adv_campaign_owner_contact, \
+    adv_campaign_datetime_start, adv_campaign_datetime_end, datetime_created, client_id, \
+    trigger_datetime_created) FROM STDIN (FORMAT binary)";
+const FENCE_SQL: &str = "SELECT epoch FROM public.campaign_runner_fences \
+    WHERE topic = $1 AND partition = $2 FOR UPDATE";
 const COPY_OUTBOX_SQL: &str = "COPY public.campaign_runner_outbox \
     (topic, partition, source_offset, target, keys, payloads, headers) FROM STDIN (FORMAT binary)";
+
+const DELETE_OUTBOX_SQL: &str = "DELETE FROM public.campaign_runner_outbox \
+    WHERE topic = $1 AND partition = $2 AND source_offset <= $3";
 
 /// The types of the feedback columns the runner writes, in `copy_feedback.sql`'s order.
 pub const COLUMN_TYPES: [Type; 10] = [
@@ -170,11 +181,69 @@ macro_rules! retrying {
 pub struct FeedbackSink {
     url: String,
     client: Option<Client>,
+    /// The unit transaction's statements, prepared on `client` (None until first needed, and
+    /// again whenever the connection is replaced).
+    statements: Option<Statements>,
+}
+
+/// Statements a unit's transaction runs, prepared once per connection: each saves the round
+/// trip that parsing it would cost every time.
+#[derive(Debug, Clone)]
+struct Statements {
+    fence: Statement,
+    delete_outbox: Statement,
+    copy_direct: Statement,
+    copy_outbox: Statement,
 }
 
 impl FeedbackSink {
     pub fn new(url: String) -> Self {
-        FeedbackSink { url, client: None }
+        FeedbackSink {
+            url,
+            client: None,
+            statements: None,
+        }
+    }
+
+    /// Connects and prepares now, so that the first unit does not pay for it.
+    pub async fn warm_up(&mut self) -> Result<(), DbError> {
+        self.prepared().await.map(|_| ())
+    }
+
+    /// The connection, with the unit statements prepared on it.
+    async fn prepared(&mut self) -> Result<(&mut Client, Statements), DbError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.statements = None;
+        }
+        let cached = self.statements.clone();
+        let c = self.client().await?;
+        let statements = match cached {
+            Some(s) => s,
+            None => {
+                let (fence, delete_outbox, copy_direct, copy_outbox) = futures::try_join!(
+                    c.prepare(FENCE_SQL),
+                    c.prepare(DELETE_OUTBOX_SQL),
+                    c.prepare(COPY_DIRECT_SQL),
+                    c.prepare(COPY_OUTBOX_SQL),
+                )
+                .map_err(DbError::from_pg)?;
+                let s = Statements {
+                    fence,
+                    delete_outbox,
+                    copy_direct,
+                    copy_outbox,
+                };
+                self.statements = Some(s.clone());
+                s
+            }
+        };
+        let c = self.client.as_mut().expect("connected above");
+        Ok((c, statements))
+    }
+
+    /// Another sink to the same database, with its own connection (made when first used).
+    pub fn clone_unconnected(&self) -> Self {
+        FeedbackSink::new(self.url.clone())
     }
 
     async fn client(&mut self) -> Result<&mut Client, DbError> {
@@ -202,6 +271,7 @@ impl FeedbackSink {
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), CommitError> {
         match e {
+            OpError::AlreadyThere => Ok(()),
             OpError::Fenced(f) => Err(CommitError::Fenced {
                 topic: f.topic,
                 partition: f.partition,
@@ -212,6 +282,7 @@ impl FeedbackSink {
                     tracing::error!(error = %e, what, "PostgreSQL refused the write; an operator must act. Retrying so nothing is lost.");
                 }
                 self.client = None;
+                self.statements = None;
                 let wait = backoff.step();
                 events.sink_retry("postgres", &e, backoff.attempt, wait);
                 if pause(wait, stop).await {
@@ -309,38 +380,57 @@ impl FeedbackSink {
             max_backoff,
             stop,
             |c| async {
-                c.execute(
-                "DELETE FROM public.campaign_runner_outbox WHERE topic = $1 AND partition = $2 AND source_offset <= $3",
-                &[&f.topic, &f.partition, &through],
-            )
-            .await
-            .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
+                c.execute(DELETE_OUTBOX_SQL, &[&f.topic, &f.partition, &through])
+                    .await
+                    .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
                 Ok(())
             }
         )
     }
 
     /// In one transaction: fence check, idempotent insert of `rows`, and the outbox entries of
-    /// what must be published. Draft entries keep only the drafts that were new. Returns the
-    /// entries as written to the outbox.
+    /// what must be published. Draft entries keep only the drafts that were new. Returns what
+    /// was written to the outbox. `published_through`: the partition's outbox entries up
+    /// to that offset were published (their Kafka transaction committed) and are deleted in the
+    /// same transaction, so that cleanup costs no round trip of its own.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit(
         &mut self,
         fence: &Fence,
         rows: &[FeedbackRow<'_>],
         entries: &[OutboxEntry],
+        published_through: Option<i64>,
         events: &Events,
         max_backoff: Duration,
         stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Vec<OutboxEntry>, CommitError> {
-        retrying!(self, "commit", events, max_backoff, stop, |c| commit_once(
-            c, fence, rows, entries
-        ))
+    ) -> Result<Vec<Kept>, CommitError> {
+        let mut backoff = Backoff::new(max_backoff);
+        let mut direct = true;
+        loop {
+            let attempt = match self.prepared().await {
+                Ok((c, st)) => {
+                    commit_once(c, &st, fence, rows, entries, published_through, direct).await
+                }
+                Err(e) => Err(OpError::Db(e)),
+            };
+            match attempt {
+                Ok(kept) => break Ok(kept),
+                // Some draft is in the table already: again, keeping only the new ones.
+                Err(OpError::AlreadyThere) => direct = false,
+                Err(e) => {
+                    self.after_failure(e, "commit", &mut backoff, events, stop)
+                        .await?
+                }
+            }
+        }
     }
 }
 
 enum OpError {
     Db(DbError),
     Fenced(Fence),
+    /// The direct COPY met a (campaign, client) pair already in the table.
+    AlreadyThere,
 }
 
 impl From<tokio_postgres::Error> for OpError {
@@ -349,83 +439,124 @@ impl From<tokio_postgres::Error> for OpError {
     }
 }
 
+/// Which of a unit's outbox entries must be published, and which of their records: an entry of
+/// drafts keeps only the drafts that were new (a draft already in the table was published
+/// before). Indexes into the entries given to [`FeedbackSink::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub entry: usize,
+    /// None: every record of the entry.
+    pub only: Option<Vec<usize>>,
+}
+
+impl Kept {
+    /// Every record of every entry.
+    pub fn all(entries: &[OutboxEntry]) -> Vec<Kept> {
+        (0..entries.len())
+            .map(|entry| Kept { entry, only: None })
+            .collect()
+    }
+
+    /// The indexes of the records kept of `e` (this `Kept`'s entry).
+    pub fn records<'k>(&'k self, e: &OutboxEntry) -> Box<dyn Iterator<Item = usize> + 'k> {
+        match &self.only {
+            None => Box::new(0..e.payloads.len()),
+            Some(v) => Box::new(v.iter().copied()),
+        }
+    }
+}
+
+/// Streams `rows` into a binary COPY.
+async fn copy_rows<S: tokio_postgres::ToStatement + ?Sized>(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &S,
+    rows: &[FeedbackRow<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(statement).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
+    pin_mut!(writer);
+    for r in rows {
+        let values: [&(dyn ToSql + Sync); 10] = [
+            &r.restaurant_id,
+            &r.adv_campaign_id,
+            &r.adv_campaign_content,
+            &r.adv_campaign_owner,
+            &r.adv_campaign_owner_contact,
+            &r.adv_campaign_datetime_start,
+            &r.adv_campaign_datetime_end,
+            &r.datetime_created,
+            &r.client_id,
+            &r.trigger_datetime_created,
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// One attempt at a unit's transaction. `direct`: COPY the drafts straight into the table,
+/// which the unique index refuses as a whole if any (campaign, client) pair is there already (a
+/// replay, a campaign published twice): the attempt then fails with `AlreadyThere` and the
+/// next one goes through the staging table and `INSERT … ON CONFLICT DO NOTHING`.
 async fn commit_once(
     client: &mut Client,
+    st: &Statements,
     fence: &Fence,
     rows: &[FeedbackRow<'_>],
     entries: &[OutboxEntry],
-) -> Result<Vec<OutboxEntry>, OpError> {
+    published_through: Option<i64>,
+    direct: bool,
+) -> Result<Vec<Kept>, OpError> {
     let tx = client.transaction().await?;
-    let current: Option<i64> = tx
-        .query_opt(
-            "SELECT epoch FROM public.campaign_runner_fences WHERE topic = $1 AND partition = $2 FOR UPDATE",
-            &[&fence.topic, &fence.partition],
-        )
-        .await?
-        .map(|r| r.get(0));
-    if current != Some(fence.epoch) {
+    // Sent together (one round trip): if the fence check fails the cleanup is rolled back.
+    let fence_params: [&(dyn ToSql + Sync); 2] = [&fence.topic, &fence.partition];
+    let check = tx.query_opt(&st.fence, &fence_params);
+    let cleanup = async {
+        match published_through {
+            Some(through) => tx
+                .execute(
+                    &st.delete_outbox,
+                    &[&fence.topic, &fence.partition, &through],
+                )
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let (current, _) = futures::try_join!(check, cleanup)?;
+    if current.map(|r| r.get::<_, i64>(0)) != Some(fence.epoch) {
         return Err(OpError::Fenced(fence.clone()));
     }
-    let mut new_pairs: HashSet<(String, String)> = HashSet::new();
-    if !rows.is_empty() {
-        tx.batch_execute(STAGE_SQL).await?;
-        let sink = tx.copy_in(COPY_SQL).await?;
-        let writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
-        pin_mut!(writer);
-        for r in rows {
-            let values: [&(dyn ToSql + Sync); 10] = [
-                &r.restaurant_id,
-                &r.adv_campaign_id,
-                &r.adv_campaign_content,
-                &r.adv_campaign_owner,
-                &r.adv_campaign_owner_contact,
-                &r.adv_campaign_datetime_start,
-                &r.adv_campaign_datetime_end,
-                &r.datetime_created,
-                &r.client_id,
-                &r.trigger_datetime_created,
-            ];
-            writer.as_mut().write(&values).await?;
-        }
-        writer.finish().await?;
-        let inserted = tx.query_raw(INSERT_SQL, std::iter::empty::<i32>()).await?;
-        pin_mut!(inserted);
-        while let Some(row) = inserted.try_next().await? {
-            new_pairs.insert((row.get(0), row.get(1)));
-        }
-    }
-    // Only new drafts are published: a draft already in the table was published before. Each
-    // new pair goes to the first entry that has it (the same campaign twice in one unit).
-    let kept: Vec<OutboxEntry> = entries
-        .iter()
-        .filter_map(|e| match (&e.target, &e.campaign_id) {
-            (Target::Drafts, Some(campaign)) => {
-                let keep: Vec<usize> = (0..e.clients.len())
-                    .filter(|&i| new_pairs.remove(&(campaign.clone(), e.clients[i].clone())))
-                    .collect();
-                (!keep.is_empty()).then(|| OutboxEntry {
-                    clients: keep.iter().map(|&i| e.clients[i].clone()).collect(),
-                    keys: keep.iter().map(|&i| e.keys[i].clone()).collect(),
-                    payloads: keep.iter().map(|&i| e.payloads[i].clone()).collect(),
-                    ..e.clone()
-                })
+    let kept = if rows.is_empty() {
+        Kept::all(entries)
+    } else if direct {
+        match copy_rows(&tx, &st.copy_direct, rows).await {
+            Ok(()) => Kept::all(entries),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                return Err(OpError::AlreadyThere)
             }
-            _ => Some(e.clone()),
-        })
-        .collect();
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        insert_new_only(&tx, rows, entries).await?
+    };
     if !kept.is_empty() {
-        let sink = tx.copy_in(COPY_OUTBOX_SQL).await?;
+        let sink = tx.copy_in(&st.copy_outbox).await?;
         let writer = BinaryCopyInWriter::new(sink, &OUTBOX_TYPES);
         pin_mut!(writer);
-        for e in &kept {
+        for k in &kept {
+            let e = &entries[k.entry];
             let headers = encode_headers(&e.headers);
+            let keys: Vec<Option<&[u8]>> = k.records(e).map(|i| e.keys[i].as_deref()).collect();
+            let payloads: Vec<Option<&[u8]>> =
+                k.records(e).map(|i| e.payloads[i].as_deref()).collect();
             let values: [&(dyn ToSql + Sync); 7] = [
                 &fence.topic,
                 &fence.partition,
                 &e.source_offset,
                 &e.target.as_str(),
-                &e.keys,
-                &e.payloads,
+                &keys,
+                &payloads,
                 &headers,
             ];
             writer.as_mut().write(&values).await?;
@@ -434,6 +565,40 @@ async fn commit_once(
     }
     tx.commit().await?;
     Ok(kept)
+}
+
+/// Inserts only the drafts whose (campaign, client) pair is not in the table, and keeps, of
+/// each entry, the drafts that were new. Each new pair goes to the first entry that has it
+/// (the same campaign twice in one unit).
+async fn insert_new_only(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[FeedbackRow<'_>],
+    entries: &[OutboxEntry],
+) -> Result<Vec<Kept>, OpError> {
+    tx.batch_execute(STAGE_SQL).await?;
+    copy_rows(tx, COPY_SQL, rows).await?;
+    let mut new_pairs: HashSet<(String, String)> = HashSet::new();
+    let inserted = tx.query_raw(INSERT_SQL, std::iter::empty::<i32>()).await?;
+    pin_mut!(inserted);
+    while let Some(row) = inserted.try_next().await? {
+        new_pairs.insert((row.get(0), row.get(1)));
+    }
+    Ok(entries
+        .iter()
+        .enumerate()
+        .filter_map(|(entry, e)| match (&e.target, &e.campaign_id) {
+            (Target::Drafts, Some(campaign)) => {
+                let only: Vec<usize> = (0..e.clients.len())
+                    .filter(|&i| new_pairs.remove(&(campaign.clone(), e.clients[i].clone())))
+                    .collect();
+                (!only.is_empty()).then_some(Kept {
+                    entry,
+                    only: (only.len() < e.payloads.len()).then_some(only),
+                })
+            }
+            _ => Some(Kept { entry, only: None }),
+        })
+        .collect())
 }
 
 #[cfg(test)]

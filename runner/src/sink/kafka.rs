@@ -16,7 +16,7 @@ pub struct OutRecord<'a> {
     pub topic: &'a str,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
-    pub headers: OwnedHeaders,
+    pub headers: &'a OwnedHeaders,
 }
 
 /// Builds headers from (name, value) pairs.
@@ -154,6 +154,10 @@ impl TxProducer {
                 }
             }
         }
+        // Every record is acknowledged before the offsets join the transaction: adding the
+        // group to a transaction while its partitions are still being added makes the broker
+        // answer CONCURRENT_TRANSACTIONS, and librdkafka retries only after retry.backoff.ms
+        // (measured: a 9 ms transaction became 100 ms).
         let mut failed = None;
         for d in deliveries {
             match d.await {

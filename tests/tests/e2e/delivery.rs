@@ -6,7 +6,7 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::sink::feedback::{FeedbackRow, FeedbackSink, OutboxEntry, Target};
+use runner::sink::feedback::{FeedbackRow, FeedbackSink, Kept, OutboxEntry, Target};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,12 +143,20 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
             &fence,
             &rows,
             &[entry],
+            None,
             &events,
             Duration::from_secs(1),
             &mut stop,
         )
         .await?;
-    assert_eq!(kept[0].clients.len(), 8);
+    assert_eq!(
+        kept,
+        vec![Kept {
+            entry: 0,
+            only: None
+        }],
+        "all 8 drafts are new"
+    );
     assert_eq!(
         db.count("SELECT count(*) FROM campaign_runner_outbox")
             .await?,
@@ -251,8 +259,11 @@ async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()
             .await?,
         0
     );
+    // Nothing of the second campaign (offset 1) in the outbox either. The first unit's row,
+    // published already, may still be there: its cleanup rides on the partition's next
+    // transaction, which the zombie may not make; the next owner deletes it when it takes over.
     assert_eq!(
-        db.count("SELECT count(*) FROM campaign_runner_outbox")
+        db.count("SELECT count(*) FROM campaign_runner_outbox WHERE source_offset >= 1")
             .await?,
         0
     );
