@@ -556,7 +556,12 @@ impl RulesInstance {
         clients: &[S],
         now: i64,
     ) -> Result<Drafts, CallError> {
-        self.shape_packed(campaign, clients.iter().collect(), now)
+        let bytes = clients.iter().map(|c| c.as_ref().len()).sum();
+        let mut packed = ClientIds::with_capacity(clients.len(), bytes);
+        for c in clients {
+            packed.push(c.as_ref());
+        }
+        self.shape_packed(campaign, packed, now)
     }
 
     /// Shapes one draft per client of `clients`, already packed. The result keeps `clients`

@@ -202,30 +202,40 @@ impl Shaped {
 /// When an end offset is before the previous one or past the buffer, or the last one is not
 /// the buffer's length: the packing is the caller's promise.
 pub fn unpack<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl ExactSizeIterator<Item = &'a [u8]> {
+    ranges(bytes.len(), ends).map(move |r| &bytes[r])
+}
+
+/// [`unpack`] for text: client ids as the host passes them to `shape`. The buffer is checked
+/// to be UTF-8 once, as a whole; then each id only has to start and end on a character.
+///
+/// # Panics
+/// As [`unpack`], and when the buffer is not valid UTF-8 or an offset splits a character.
+pub fn unpack_str<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl ExactSizeIterator<Item = &'a str> {
+    let text = std::str::from_utf8(bytes).expect("packed client ids must be valid UTF-8");
+    ranges(text.len(), ends).map(move |r| {
+        text.get(r)
+            .expect("packed client ids must be valid UTF-8 (an end offset splits a character)")
+    })
+}
+
+/// The byte range of each packed item, checked to be in order and within `len`.
+fn ranges(len: usize, ends: &[u32]) -> impl ExactSizeIterator<Item = std::ops::Range<usize>> + '_ {
     let last = ends.last().map_or(0, |&e| e as usize);
     assert_eq!(
-        last,
-        bytes.len(),
+        last, len,
         "packed items: the last end offset must be the buffer's length"
     );
     let mut start = 0;
     ends.iter().map(move |&end| {
         let end = end as usize;
-        let item = bytes
-            .get(start..end)
-            .expect("packed items: end offsets must not go backwards");
+        assert!(
+            start <= end,
+            "packed items: end offsets must not go backwards"
+        );
+        let item = start..end;
         start = end;
         item
     })
-}
-
-/// [`unpack`] for text: client ids as the host passes them to `shape`.
-///
-/// # Panics
-/// As [`unpack`], and when an item is not valid UTF-8.
-pub fn unpack_str<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl ExactSizeIterator<Item = &'a str> {
-    unpack(bytes, ends)
-        .map(|b| std::str::from_utf8(b).expect("packed client ids must be valid UTF-8"))
 }
 
 /// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client, all
@@ -279,9 +289,42 @@ where
     out
 }
 
+/// Appends `s` as a JSON string, byte for byte as serde_json writes it. Text that needs no
+/// escaping (ids, most content) is checked a word at a time and copied in one piece; anything
+/// else goes through serde_json. (serde_json's own loop looks every byte up in a table: with
+/// the per-draft allocations gone it was the largest cost of `shape`, natively and in WASM.)
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    // serde_json escapes exactly as JSON requires; writing into a Vec cannot fail.
-    serde_json::to_writer(&mut *buf, s).expect("writing JSON to a Vec never fails");
+    if needs_escape(s.as_bytes()) {
+        // Writing into a Vec cannot fail.
+        serde_json::to_writer(&mut *buf, s).expect("writing JSON to a Vec never fails");
+    } else {
+        buf.reserve(s.len() + 2);
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    }
+}
+
+/// Whether JSON needs any byte of `s` escaped: a control character (below 0x20), `"` or `\`.
+/// Eight bytes at a time, with plain integer arithmetic (no SIMD: the same in WASM). Exact,
+/// not a heuristic: each word test is non-zero exactly when some byte of the word matches.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero exactly when some byte of `v` is below `n` (n <= 0x80).
+    let has_below = |v: u64, n: u8| v.wrapping_sub(ONES * n as u64) & !v & HIGHS;
+    let has_byte = |v: u64, b: u8| has_below(v ^ (ONES * b as u64), 1);
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_ne_bytes(w.try_into().expect("chunks of 8"));
+        if has_below(v, 0x20) | has_byte(v, b'"') | has_byte(v, b'\\') != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 #[cfg(test)]
@@ -338,5 +381,32 @@ mod tests {
     #[should_panic(expected = "UTF-8")]
     fn unpack_str_refuses_invalid_utf8() {
         let _ = unpack_str(&[0xff], &[1]).count();
+    }
+
+    #[test]
+    fn json_strings_are_exactly_serde_jsons() {
+        let serde = |s: &str| serde_json::to_vec(s).unwrap();
+        let mine = |s: &str| {
+            let mut b = Vec::new();
+            push_json_str(&mut b, s);
+            b
+        };
+        // Every byte value alone and at every position of a word (ASCII; and non-ASCII text).
+        for c in (0u32..0x80).chain([0xe9, 0x451, 0x1f372]) {
+            let c = char::from_u32(c).unwrap();
+            for pos in 0..17 {
+                let mut s = "a".repeat(pos);
+                s.push(c);
+                s.push_str("bcdefgh");
+                assert_eq!(mine(&s), serde(&s), "{s:?}");
+            }
+        }
+        for s in [
+            "",
+            "023e4567-e89b-12d3-a456-426614174000",
+            "70% off \"борщ\" \\ 🍲\n\t\u{7f}",
+        ] {
+            assert_eq!(mine(s), serde(s), "{s:?}");
+        }
     }
 }
