@@ -59,6 +59,7 @@ BENCH := $(CARGO_TARGET_DIR)/release/bench
 bench: transforms
 	cargo build --release -p bench
 	$(BENCH) rules --component $(CAMPAIGN_WASM)
+	cargo bench -p bench --bench rules_call
 	$(BENCH) fanout --rules $(CAMPAIGN_WASM)
 	$(BENCH) latency --rules $(CAMPAIGN_WASM) --v2 $(FIXTURES)/campaign-rules-v2.wasm
 	$(BENCH) cache

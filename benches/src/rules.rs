@@ -61,7 +61,7 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
                     .is_ok(),
             );
         });
-        // Per draft: shape for 1,000 clients (the host's string passing included for WASM).
+        // Per draft: shape for 1,000 clients (for WASM: packing, the call, copying drafts out).
         let sn = time(200, || {
             std::hint::black_box(campaign_rules::rules::shape(
                 &native_campaign,
@@ -120,5 +120,6 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
         None,
     );
     report.notes.push("Same Rust rules code (transforms/campaign/src/rules.rs): natively as an rlib, and as the component through the runner's sandbox (epoch deadlines and memory limits on).".into());
+    report.notes.push("WASM shape = packing the client ids, the call (WIT 2.x: one buffer plus end offsets each way), copying the drafts out of the sandbox and checking them; native shape = the rules function writing the same drafts into one buffer.".into());
     Ok(report)
 }

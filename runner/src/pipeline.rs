@@ -593,7 +593,7 @@ impl Pipeline {
                         let drafts: usize = group
                             .iter()
                             .map(|e| match &e.outcome {
-                                Outcome::Deliver { drafts, .. } => drafts.drafts.len(),
+                                Outcome::Deliver { drafts, .. } => drafts.len(),
                                 _ => 0,
                             })
                             .sum();
@@ -770,7 +770,7 @@ impl Pipeline {
                         header::ADV_CAMPAIGN_ID.into(),
                         c.adv_campaign_id.as_bytes().to_vec(),
                     ));
-                    for d in &drafts.drafts {
+                    for d in drafts.iter() {
                         rows.push(FeedbackRow {
                             restaurant_id: &c.restaurant_id,
                             adv_campaign_id: &c.adv_campaign_id,
@@ -780,7 +780,7 @@ impl Pipeline {
                             adv_campaign_datetime_start: c.adv_campaign_datetime_start,
                             adv_campaign_datetime_end: c.adv_campaign_datetime_end,
                             datetime_created: c.datetime_created,
-                            client_id: &d.client_id,
+                            client_id: d.client_id,
                             trigger_datetime_created: *trigger,
                         });
                     }
@@ -788,17 +788,12 @@ impl Pipeline {
                         source_offset: e.pos.offset,
                         target: Target::Drafts,
                         campaign_id: Some(c.adv_campaign_id.clone()),
-                        clients: drafts.drafts.iter().map(|d| d.client_id.clone()).collect(),
+                        clients: drafts.iter().map(|d| d.client_id.to_owned()).collect(),
                         keys: drafts
-                            .drafts
                             .iter()
                             .map(|d| Some(d.client_id.as_bytes().to_vec()))
                             .collect(),
-                        payloads: drafts
-                            .drafts
-                            .iter()
-                            .map(|d| Some(d.payload.clone()))
-                            .collect(),
+                        payloads: drafts.iter().map(|d| Some(d.payload.to_vec())).collect(),
                         headers,
                     });
                 }
@@ -879,7 +874,7 @@ impl Pipeline {
                 Outcome::Deliver { drafts, .. } => self.events.delivered(
                     &e.pos,
                     &drafts.campaign.adv_campaign_id,
-                    drafts.drafts.len(),
+                    drafts.len(),
                     &rules,
                 ),
                 Outcome::Skip {
@@ -945,7 +940,7 @@ fn evaluate_group(
         };
         let outcome = evaluate_one(w, &msg, snapshot, clock, cfg);
         if let Outcome::Deliver { drafts: d, .. } = &outcome {
-            drafts += d.drafts.len();
+            drafts += d.len();
         }
         group.push(Evaluated { msg, pos, outcome });
     }

@@ -3,9 +3,10 @@
 //! import the guest may call; the epoch deadline is set right where each call is made.
 
 use super::bindings::{
-    CampaignRules, CampaignRulesPre, Drafts, HostLog, HostTypes, LogLevel, Rejection, Verdict,
-    WIT_PACKAGE, WIT_VERSION,
+    CampaignRules, CampaignRulesPre, HostLog, HostTypes, LogLevel, Rejection, Verdict, WIT_PACKAGE,
+    WIT_VERSION,
 };
+use super::drafts::{BadDrafts, ClientIds, Drafts};
 use crate::config::RulesConfig;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -60,7 +61,7 @@ impl LoadError {
 }
 
 /// The major version of the WIT package: components exporting the same major are accepted.
-const WIT_MAJOR: &str = "1";
+const WIT_MAJOR: &str = "2";
 
 /// Splits `fooddelivery:campaign-rules/NAME@VERSION` into (NAME, VERSION).
 fn interface_name(name: &str) -> Option<(&str, &str)> {
@@ -111,6 +112,9 @@ pub enum CallError {
     OutOfMemory { limit: usize },
     #[error("rules trapped: {0}")]
     Trap(String),
+    /// The call returned, but its result breaks the contract (e.g. not one draft per client).
+    #[error("rules returned a result that breaks the contract: {0}")]
+    BadOutput(BadDrafts),
 }
 
 impl CallError {
@@ -120,6 +124,7 @@ impl CallError {
             CallError::Timeout(_) => "rules_timeout",
             CallError::OutOfMemory { .. } => "rules_oom",
             CallError::Trap(_) => "rules_trap",
+            CallError::BadOutput(_) => "rules_bad_output",
         }
     }
 }
@@ -394,19 +399,16 @@ fn smoke_check(instance: &mut RulesInstance) -> Result<(), LoadError> {
             verdict.activity
         )));
     }
-    let client = "023e4567-e89b-12d3-a456-426614174000".to_string();
+    let client = "023e4567-e89b-12d3-a456-426614174000";
     let drafts = instance
-        .shape(&verdict.campaign, std::slice::from_ref(&client), now)
+        .shape(&verdict.campaign, &[client], now)
         .map_err(|e| LoadError::Smoke(format!("shape failed on the SPEC example: {e}")))?;
-    if drafts.drafts.len() != 1 || drafts.drafts[0].client_id != client {
-        return Err(LoadError::Smoke(format!(
-            "shape returned {} drafts for one subscriber",
-            drafts.drafts.len()
-        )));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&drafts.drafts[0].payload)
+    let draft = drafts
+        .get(0)
+        .expect("one draft per client, checked by shape");
+    let json: serde_json::Value = serde_json::from_slice(draft.payload)
         .map_err(|e| LoadError::Smoke(format!("the shaped draft is not JSON: {e}")))?;
-    if json.get("client_id").and_then(|v| v.as_str()) != Some(client.as_str()) {
+    if json.get("client_id").and_then(|v| v.as_str()) != Some(client) {
         return Err(LoadError::Smoke(
             "the shaped draft lacks the subscriber's client_id".into(),
         ));
@@ -546,10 +548,29 @@ impl RulesInstance {
             + self.limits.call_timeout_per_1000_subscribers * (subscribers.div_ceil(1000) as u32)
     }
 
-    pub fn shape(
+    /// Shapes one draft per client. The clients are packed into one buffer for the call (see
+    /// [`RulesInstance::shape_packed`]).
+    pub fn shape<S: AsRef<str>>(
         &mut self,
         campaign: &super::bindings::Campaign,
-        clients: &[String],
+        clients: &[S],
+        now: i64,
+    ) -> Result<Drafts, CallError> {
+        let bytes = clients.iter().map(|c| c.as_ref().len()).sum();
+        let mut packed = ClientIds::with_capacity(clients.len(), bytes);
+        for c in clients {
+            packed.push(c.as_ref());
+        }
+        self.shape_packed(campaign, packed, now)
+    }
+
+    /// Shapes one draft per client of `clients`, already packed. The result keeps `clients`
+    /// and is checked against the contract (one draft per client, in order): a result that
+    /// breaks it is a [`CallError::BadOutput`].
+    pub fn shape_packed(
+        &mut self,
+        campaign: &super::bindings::Campaign,
+        clients: ClientIds,
         now: i64,
     ) -> Result<Drafts, CallError> {
         let timeout = self.shape_timeout(clients.len());
@@ -557,7 +578,14 @@ impl RulesInstance {
         let r = self
             .bindings
             .fooddelivery_campaign_rules_rules()
-            .call_shape(&mut self.store, campaign, clients, now);
-        r.map_err(|e| self.fail(e, timeout))
+            .call_shape(
+                &mut self.store,
+                campaign,
+                clients.bytes(),
+                clients.ends(),
+                now,
+            );
+        let packed = r.map_err(|e| self.fail(e, timeout))?;
+        Drafts::new(clients, packed).map_err(CallError::BadOutput)
     }
 }

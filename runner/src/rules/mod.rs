@@ -2,12 +2,14 @@
 //! handle through which the pipeline reaches whichever rules are current.
 
 mod bindings;
+mod drafts;
 mod engine;
 mod reload;
 
 pub use bindings::{
-    Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict, WIT_PACKAGE, WIT_VERSION,
+    Activity, Campaign, Rejection, RejectionCode, Verdict, WIT_PACKAGE, WIT_VERSION,
 };
+pub use drafts::{BadDrafts, ClientIds, Draft, Drafts};
 pub use engine::{
     CallError, LoadError, LoadedRules, RulesEngine, RulesIdentity, RulesInstance, SandboxLimits,
 };
@@ -94,10 +96,10 @@ impl Evaluator {
         self.with_instance(|i| i.validate(payload, now))
     }
 
-    pub fn shape(
+    pub fn shape<S: AsRef<str>>(
         &mut self,
         campaign: &Campaign,
-        clients: &[String],
+        clients: &[S],
         now: i64,
     ) -> Result<Drafts, CallError> {
         self.with_instance(|i| i.shape(campaign, clients, now))

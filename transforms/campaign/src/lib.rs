@@ -18,7 +18,7 @@ mod component {
     use exports::fooddelivery::campaign_rules::rules::Guest;
     use fooddelivery::campaign_rules::host_log::{log, Level};
     use fooddelivery::campaign_rules::types::{
-        Activity, Campaign, Draft, Drafts, Rejection, RejectionCode, Verdict,
+        Activity, Campaign, Drafts, Rejection, RejectionCode, Verdict,
     };
 
     /// The version this component reports; the runner logs it and stamps it on every output.
@@ -109,7 +109,12 @@ mod component {
             }
         }
 
-        fn shape(campaign: Campaign, clients: Vec<String>, now: i64) -> Drafts {
+        fn shape(
+            campaign: Campaign,
+            client_ids: Vec<u8>,
+            client_ends: Vec<u32>,
+            now: i64,
+        ) -> Drafts {
             install_panic_hook();
             #[allow(unused_mut)]
             let mut c: rules::Campaign = campaign.into();
@@ -117,14 +122,14 @@ mod component {
             {
                 c.adv_campaign_content = format!("[v2] {}", c.adv_campaign_content);
             }
-            let drafts = rules::shape(&c, clients.iter().map(String::as_str), now)
-                .into_iter()
-                .map(|(client_id, payload)| Draft { client_id, payload })
-                .collect();
+            // Packing that breaks the contract panics: a trap, whose message reaches the log.
+            let clients = rules::unpack_str(&client_ids, &client_ends);
+            let shaped = rules::shape(&c, clients, now);
             Drafts {
                 campaign: c.into(),
                 trigger_datetime_created: now,
-                drafts,
+                payloads: shaped.payloads,
+                payload_ends: shaped.ends,
             }
         }
     }

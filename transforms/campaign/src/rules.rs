@@ -169,9 +169,82 @@ fn seconds_field(obj: &Map<String, Value>, name: &str) -> Result<i64, Rejection>
     })
 }
 
-/// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client. The
-/// part before and after `client_id` is the same for every client, so it is rendered once.
-pub fn shape<'a, I>(c: &Campaign, clients: I, now: i64) -> Vec<(String, Vec<u8>)>
+/// The drafts of one campaign, packed into one buffer: `payloads` is every draft's JSON value,
+/// concatenated, and `ends[i]` is where draft i ends in it (exclusive; draft i starts where
+/// draft i - 1 ends, the first at 0). Draft i is for client i, in the order the clients came.
+/// One allocation for all the drafts, not one per draft: this is what crosses the WIT
+/// boundary as `payloads` and `payload-ends`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shaped {
+    pub payloads: Vec<u8>,
+    pub ends: Vec<u32>,
+}
+
+impl Shaped {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Every draft's payload, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> {
+        unpack(&self.payloads, &self.ends)
+    }
+}
+
+/// Splits items packed as one buffer plus end offsets (as [`Shaped`] holds drafts and as the
+/// host passes client ids) back into slices, in order.
+///
+/// # Panics
+/// When an end offset is before the previous one or past the buffer, or the last one is not
+/// the buffer's length: the packing is the caller's promise.
+pub fn unpack<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl ExactSizeIterator<Item = &'a [u8]> {
+    ranges(bytes.len(), ends).map(move |r| &bytes[r])
+}
+
+/// [`unpack`] for text: client ids as the host passes them to `shape`. The buffer is checked
+/// to be UTF-8 once, as a whole; then each id only has to start and end on a character.
+///
+/// # Panics
+/// As [`unpack`], and when the buffer is not valid UTF-8 or an offset splits a character.
+pub fn unpack_str<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl ExactSizeIterator<Item = &'a str> {
+    let text = std::str::from_utf8(bytes).expect("packed client ids must be valid UTF-8");
+    ranges(text.len(), ends).map(move |r| {
+        text.get(r)
+            .expect("packed client ids must be valid UTF-8 (an end offset splits a character)")
+    })
+}
+
+/// The byte range of each packed item, checked to be in order and within `len`.
+fn ranges(len: usize, ends: &[u32]) -> impl ExactSizeIterator<Item = std::ops::Range<usize>> + '_ {
+    let last = ends.last().map_or(0, |&e| e as usize);
+    assert_eq!(
+        last, len,
+        "packed items: the last end offset must be the buffer's length"
+    );
+    let mut start = 0;
+    ends.iter().map(move |&end| {
+        let end = end as usize;
+        assert!(
+            start <= end,
+            "packed items: end offsets must not go backwards"
+        );
+        let item = start..end;
+        start = end;
+        item
+    })
+}
+
+/// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client, all
+/// into one buffer. The part before and after `client_id` is the same for every client, so it
+/// is rendered once and copied.
+///
+/// # Panics
+/// When the drafts together exceed 4 GiB (their end offsets are `u32`, as in the WIT).
+pub fn shape<'a, I>(c: &Campaign, clients: I, now: i64) -> Shaped
 where
     I: IntoIterator<Item = &'a str>,
     I::IntoIter: ExactSizeIterator,
@@ -200,20 +273,58 @@ where
     );
 
     let clients = clients.into_iter();
-    let mut out = Vec::with_capacity(clients.len());
+    // Sized for ids as long as a hyphenated UUID (what the table holds); grows if they are not.
+    let per_draft = head.len() + tail.len() + 2 + 36;
+    let mut out = Shaped {
+        payloads: Vec::with_capacity(clients.len() * per_draft),
+        ends: Vec::with_capacity(clients.len()),
+    };
     for client in clients {
-        let mut payload = Vec::with_capacity(head.len() + client.len() + 2 + tail.len());
-        payload.extend_from_slice(&head);
-        push_json_str(&mut payload, client);
-        payload.extend_from_slice(tail.as_bytes());
-        out.push((client.to_owned(), payload));
+        out.payloads.extend_from_slice(&head);
+        push_json_str(&mut out.payloads, client);
+        out.payloads.extend_from_slice(tail.as_bytes());
+        let end = u32::try_from(out.payloads.len()).expect("drafts exceed 4 GiB");
+        out.ends.push(end);
     }
     out
 }
 
+/// Appends `s` as a JSON string, byte for byte as serde_json writes it. Text that needs no
+/// escaping (ids, most content) is checked a word at a time and copied in one piece; anything
+/// else goes through serde_json. (serde_json's own loop looks every byte up in a table: with
+/// the per-draft allocations gone it was the largest cost of `shape`, natively and in WASM.)
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    // serde_json escapes exactly as JSON requires; writing into a Vec cannot fail.
-    serde_json::to_writer(&mut *buf, s).expect("writing JSON to a Vec never fails");
+    if needs_escape(s.as_bytes()) {
+        // Writing into a Vec cannot fail.
+        serde_json::to_writer(&mut *buf, s).expect("writing JSON to a Vec never fails");
+    } else {
+        buf.reserve(s.len() + 2);
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    }
+}
+
+/// Whether JSON needs any byte of `s` escaped: a control character (below 0x20), `"` or `\`.
+/// Eight bytes at a time, with plain integer arithmetic (no SIMD: the same in WASM). Exact,
+/// not a heuristic: each word test is non-zero exactly when some byte of the word matches.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero exactly when some byte of `v` is below `n` (n <= 0x80).
+    let has_below = |v: u64, n: u8| v.wrapping_sub(ONES * n as u64) & !v & HIGHS;
+    let has_byte = |v: u64, b: u8| has_below(v ^ (ONES * b as u64), 1);
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_ne_bytes(w.try_into().expect("chunks of 8"));
+        if has_below(v, 0x20) | has_byte(v, b'"') | has_byte(v, b'\\') != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 #[cfg(test)]
@@ -234,10 +345,68 @@ mod tests {
             adv_campaign_datetime_end: 3,
             datetime_created: 0,
         };
-        let out = shape(&c, ["x\"y"], 2);
-        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        let out = shape(&c, ["x\"y", "plain"], 2);
+        assert_eq!(out.len(), 2);
+        let drafts: Vec<Value> = out
+            .iter()
+            .map(|p| serde_json::from_slice(p).unwrap())
+            .collect();
+        let v = &drafts[0];
         assert_eq!(v["adv_campaign_content"], "quote \" and \\ and \n newline");
         assert_eq!(v["client_id"], "x\"y");
         assert_eq!(v["trigger_datetime_created"], 2);
+        assert_eq!(drafts[1]["client_id"], "plain");
+    }
+
+    #[test]
+    fn unpack_splits_at_the_end_offsets() {
+        let items: Vec<&str> = unpack_str(b"abcdef", &[1, 1, 4, 6]).collect();
+        assert_eq!(items, ["a", "", "bcd", "ef"]);
+        assert_eq!(unpack(b"", &[]).len(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "last end offset")]
+    fn unpack_refuses_a_short_last_offset() {
+        let _ = unpack(b"abc", &[2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "backwards")]
+    fn unpack_refuses_offsets_out_of_order() {
+        let _ = unpack(b"abc", &[2, 1, 3]).count();
+    }
+
+    #[test]
+    #[should_panic(expected = "UTF-8")]
+    fn unpack_str_refuses_invalid_utf8() {
+        let _ = unpack_str(&[0xff], &[1]).count();
+    }
+
+    #[test]
+    fn json_strings_are_exactly_serde_jsons() {
+        let serde = |s: &str| serde_json::to_vec(s).unwrap();
+        let mine = |s: &str| {
+            let mut b = Vec::new();
+            push_json_str(&mut b, s);
+            b
+        };
+        // Every byte value alone and at every position of a word (ASCII; and non-ASCII text).
+        for c in (0u32..0x80).chain([0xe9, 0x451, 0x1f372]) {
+            let c = char::from_u32(c).unwrap();
+            for pos in 0..17 {
+                let mut s = "a".repeat(pos);
+                s.push(c);
+                s.push_str("bcdefgh");
+                assert_eq!(mine(&s), serde(&s), "{s:?}");
+            }
+        }
+        for s in [
+            "",
+            "023e4567-e89b-12d3-a456-426614174000",
+            "70% off \"борщ\" \\ 🍲\n\t\u{7f}",
+        ] {
+            assert_eq!(mine(s), serde(s), "{s:?}");
+        }
     }
 }

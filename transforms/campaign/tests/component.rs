@@ -138,19 +138,14 @@ fn spec_example_shapes_exactly_the_spec_output() {
             SPEC_NOW,
         )
         .unwrap();
-    assert_eq!(d.drafts.len(), 1);
-    assert_eq!(
-        d.drafts[0].client_id,
-        "023e4567-e89b-12d3-a456-426614174000"
-    );
-    assert_eq!(
-        std::str::from_utf8(&d.drafts[0].payload).unwrap(),
-        SPEC_OUTPUT
-    );
+    assert_eq!(d.len(), 1);
+    let draft = d.get(0).unwrap();
+    assert_eq!(draft.client_id, "023e4567-e89b-12d3-a456-426614174000");
+    assert_eq!(std::str::from_utf8(draft.payload).unwrap(), SPEC_OUTPUT);
     assert_eq!(d.trigger_datetime_created, SPEC_NOW);
     assert_eq!(d.campaign, c);
     let keys: Vec<String> =
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&d.drafts[0].payload)
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(draft.payload)
             .unwrap()
             .keys()
             .cloned()
@@ -173,13 +168,43 @@ fn shape_makes_one_draft_per_client_in_order() {
         .campaign;
     let clients: Vec<String> = (0..1000).map(|n| format!("client-{n}")).collect();
     let d = i.shape(&c, &clients, SPEC_NOW + 7).unwrap();
-    assert_eq!(d.drafts.len(), 1000);
-    for (draft, client) in d.drafts.iter().zip(&clients) {
-        assert_eq!(&draft.client_id, client);
-        let v: serde_json::Value = serde_json::from_slice(&draft.payload).unwrap();
+    assert_eq!(d.len(), 1000);
+    for (draft, client) in d.iter().zip(&clients) {
+        assert_eq!(draft.client_id, client);
+        let v: serde_json::Value = serde_json::from_slice(draft.payload).unwrap();
         assert_eq!(v["client_id"], client.as_str());
         assert_eq!(v["trigger_datetime_created"], SPEC_NOW + 7);
     }
+}
+
+#[test]
+fn packed_clients_of_any_length_and_text_come_back_paired() {
+    let mut i = instance();
+    let c = i
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap()
+        .campaign;
+    let long = "x".repeat(1000);
+    let clients = [
+        "",
+        "ü",
+        "c\"1\\",
+        long.as_str(),
+        "🍲",
+        "023e4567-e89b-12d3-a456-426614174000",
+    ];
+    let d = i.shape(&c, &clients, SPEC_NOW).unwrap();
+    assert_eq!(d.len(), clients.len());
+    let got: Vec<&str> = d.iter().map(|d| d.client_id).collect();
+    assert_eq!(got, clients, "the host's own ids, in its order");
+    for draft in d.iter() {
+        let v: serde_json::Value = serde_json::from_slice(draft.payload).unwrap();
+        assert_eq!(v["client_id"], draft.client_id);
+    }
+    let none = i.shape::<&str>(&c, &[], SPEC_NOW).unwrap();
+    assert!(none.is_empty());
+    assert_eq!(none.campaign, c);
 }
 
 #[test]
@@ -191,7 +216,7 @@ fn shape_escapes_text_and_keeps_unicode() {
     );
     let c = i.validate(&p, SPEC_NOW).unwrap().unwrap().campaign;
     let d = i.shape(&c, &["c\"1".to_string()], SPEC_NOW).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&d.drafts[0].payload).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(d.get(0).unwrap().payload).unwrap();
     assert_eq!(
         v["adv_campaign_content"],
         "70% off \"борщ\" \\ until 14:00\n🍲"
