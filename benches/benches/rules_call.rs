@@ -87,11 +87,7 @@ fn shape(c: &mut Criterion, wasm: &mut RulesInstance) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("native", n), &clients, |b, clients| {
             b.iter(|| {
-                black_box(campaign_rules::rules::shape(
-                    &native_campaign,
-                    clients.iter().map(String::as_str),
-                    NOW,
-                ))
+                black_box(bench::shape(&campaign, &native_campaign, clients, NOW))
             })
         });
         g.bench_with_input(BenchmarkId::new("wasm", n), &clients, |b, clients| {

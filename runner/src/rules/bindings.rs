@@ -10,14 +10,14 @@ mod generated {
 
 pub use generated::fooddelivery::campaign_rules::host_log::{Host as HostLog, Level as LogLevel};
 pub use generated::fooddelivery::campaign_rules::types::{
-    Activity, Campaign, Drafts as PackedDrafts, Host as HostTypes, Rejection, RejectionCode,
+    Activity, Campaign, Drafts as TemplateDrafts, Host as HostTypes, Rejection, RejectionCode,
     Verdict,
 };
 pub use generated::{CampaignRules, CampaignRulesPre};
 
 /// The WIT package and version this runner was built against.
 pub const WIT_PACKAGE: &str = "fooddelivery:campaign-rules";
-pub const WIT_VERSION: &str = "2.0.0";
+pub const WIT_VERSION: &str = "3.0.0";
 
 impl RejectionCode {
     /// The snake_case code carried in dead-letter headers.

@@ -1,9 +1,10 @@
-//! The subscribers going into `shape` and the drafts coming out, kept packed the way they cross
-//! the WIT boundary (2.x): one buffer plus end offsets each way, so a campaign costs two copies
-//! instead of an allocation per subscriber. A result is checked against the contract once, when
-//! it arrives; after that the pipeline reads `(client_id, payload)` pairs without copying.
+//! The subscribers going into `shape` and the drafts coming out. The clients cross the WIT
+//! boundary packed (one buffer plus end offsets); the drafts come back as a template (3.x: the
+//! parts every draft shares, once, plus each client's fills), are checked against the contract
+//! once, and are rendered here, natively, into one packed buffer. After that the pipeline reads
+//! `(client_id, payload)` pairs without copying.
 
-use super::bindings::{Campaign, PackedDrafts};
+use super::bindings::{Campaign, TemplateDrafts};
 
 /// Client ids packed as `shape` takes them (`client-ids` and `client-ends` in the WIT): the ids
 /// concatenated, and where each one ends. [`Drafts`] keeps them: the component does not send
@@ -25,6 +26,16 @@ impl ClientIds {
             text: String::with_capacity(bytes),
             ends: Vec::with_capacity(ids),
         }
+    }
+
+    /// Packs `ids`, in order, into buffers sized for them.
+    pub fn packed<S: AsRef<str>>(ids: &[S]) -> Self {
+        let bytes = ids.iter().map(|c| c.as_ref().len()).sum();
+        let mut packed = ClientIds::with_capacity(ids.len(), bytes);
+        for id in ids {
+            packed.push(id.as_ref());
+        }
+        packed
     }
 
     /// Appends one id.
@@ -91,21 +102,59 @@ fn start(ends: &[u32], i: usize) -> usize {
 }
 
 /// How a `shape` result breaks the contract (one draft per client, in order, offsets within
-/// the buffer). The rules are at fault: the campaign is dead-lettered as `rules_bad_output`.
+/// their buffers), or would render past the host's limit. The rules are at fault: the campaign
+/// is dead-lettered as `rules_bad_output`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadDrafts {
-    #[error("shape returned {got} drafts for {expected} clients")]
-    Count { expected: usize, got: usize },
+    #[error("shape returned no shared parts (a template has at least one)")]
+    NoParts,
+    #[error("shape returned {got} fills for {clients} clients with {slots} slots each")]
+    Count {
+        clients: usize,
+        slots: usize,
+        got: usize,
+    },
     #[error(
-        "draft {index} ends at byte {end}, before the end of the draft before it ({previous})"
+        "{buffer}: item {index} ends at byte {end}, before the end of the item before it ({previous})"
     )]
     OutOfOrder {
+        buffer: &'static str,
         index: usize,
         end: u32,
         previous: u32,
     },
-    #[error("the last draft ends at byte {end}, but the payload buffer holds {len} bytes")]
-    Length { end: usize, len: usize },
+    #[error("{buffer}: the last item ends at byte {end}, but the buffer holds {len} bytes")]
+    Length {
+        buffer: &'static str,
+        end: usize,
+        len: usize,
+    },
+    #[error("the drafts would take {bytes} bytes, past the memory limit of {limit} bytes")]
+    TooLarge { bytes: u64, limit: usize },
+}
+
+/// Checks that `ends` packs `len` bytes: in order, the last one at the end (none for 0 bytes).
+fn check_packed(buffer: &'static str, len: usize, ends: &[u32]) -> Result<(), BadDrafts> {
+    let mut previous = 0;
+    for (index, &end) in ends.iter().enumerate() {
+        if end < previous {
+            return Err(BadDrafts::OutOfOrder {
+                buffer,
+                index,
+                end,
+                previous,
+            });
+        }
+        previous = end;
+    }
+    if previous as usize != len {
+        return Err(BadDrafts::Length {
+            buffer,
+            end: previous as usize,
+            len,
+        });
+    }
+    Ok(())
 }
 
 /// Every draft of one campaign, plus what the feedback table needs: each feedback row is
@@ -116,7 +165,7 @@ pub struct Drafts {
     pub trigger_datetime_created: i64,
     clients: ClientIds,
     payloads: Vec<u8>,
-    payload_ends: Vec<u32>,
+    payload_ends: Vec<usize>,
 }
 
 /// One draft, borrowed from [`Drafts`]: the subscriber and the exact JSON value for the output
@@ -128,37 +177,54 @@ pub struct Draft<'a> {
 }
 
 impl Drafts {
-    /// Pairs a `shape` result with the clients it was asked for, after checking the contract:
-    /// one draft per client, end offsets in order, the last one at the end of the buffer.
-    pub(crate) fn new(clients: ClientIds, packed: PackedDrafts) -> Result<Drafts, BadDrafts> {
-        let PackedDrafts {
+    /// Pairs a `shape` result with the clients it was asked for, after checking the contract
+    /// (as many fills as clients times slots, every offset in order and within its buffer),
+    /// and renders the drafts: `limit` bounds the bytes they take (a small template repeated
+    /// for many clients must not become an unbounded allocation in the host).
+    pub fn new(
+        clients: ClientIds,
+        template: TemplateDrafts,
+        limit: usize,
+    ) -> Result<Drafts, BadDrafts> {
+        let TemplateDrafts {
             campaign,
             trigger_datetime_created,
-            payloads,
-            payload_ends,
-        } = packed;
-        if payload_ends.len() != clients.len() {
+            shared,
+            shared_ends,
+            fills,
+            fill_ends,
+        } = template;
+        if shared_ends.is_empty() {
+            return Err(BadDrafts::NoParts);
+        }
+        check_packed("shared", shared.len(), &shared_ends)?;
+        check_packed("fills", fills.len(), &fill_ends)?;
+        let slots = shared_ends.len() - 1;
+        let n = clients.len();
+        if fill_ends.len() != n * slots {
             return Err(BadDrafts::Count {
-                expected: clients.len(),
-                got: payload_ends.len(),
+                clients: n,
+                slots,
+                got: fill_ends.len(),
             });
         }
-        let mut previous = 0;
-        for (index, &end) in payload_ends.iter().enumerate() {
-            if end < previous {
-                return Err(BadDrafts::OutOfOrder {
-                    index,
-                    end,
-                    previous,
-                });
+        let bytes = (n as u64)
+            .saturating_mul(shared.len() as u64)
+            .saturating_add(fills.len() as u64);
+        if bytes > limit as u64 {
+            return Err(BadDrafts::TooLarge { bytes, limit });
+        }
+        let part = |j: usize| &shared[start(&shared_ends, j)..shared_ends[j] as usize];
+        let fill = |f: usize| &fills[start(&fill_ends, f)..fill_ends[f] as usize];
+        let mut payloads = Vec::with_capacity(bytes as usize);
+        let mut payload_ends = Vec::with_capacity(n);
+        for i in 0..n {
+            payloads.extend_from_slice(part(0));
+            for j in 0..slots {
+                payloads.extend_from_slice(fill(i * slots + j));
+                payloads.extend_from_slice(part(j + 1));
             }
-            previous = end;
-        }
-        if previous as usize != payloads.len() {
-            return Err(BadDrafts::Length {
-                end: previous as usize,
-                len: payloads.len(),
-            });
+            payload_ends.push(payloads.len());
         }
         Ok(Drafts {
             campaign,
@@ -179,11 +245,12 @@ impl Drafts {
 
     /// Draft `i`: for client `i` of the call.
     pub fn get(&self, i: usize) -> Option<Draft<'_>> {
-        let end = *self.payload_ends.get(i)? as usize;
+        let end = *self.payload_ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.payload_ends[i - 1] };
         Some(Draft {
             client_id: self.clients.get(i)?,
-            // Checked in `new`: the offsets are in order and within the buffer.
-            payload: &self.payloads[start(&self.payload_ends, i)..end],
+            // Rendered in `new`: the offsets are in order and within the buffer.
+            payload: &self.payloads[start..end],
         })
     }
 
@@ -215,14 +282,18 @@ mod tests {
         }
     }
 
-    fn packed(payloads: &[u8], ends: &[u32]) -> PackedDrafts {
-        PackedDrafts {
+    fn template(shared: &[u8], shared_ends: &[u32], fills: &[u8], fill_ends: &[u32]) -> TemplateDrafts {
+        TemplateDrafts {
             campaign: campaign(),
             trigger_datetime_created: 2,
-            payloads: payloads.to_vec(),
-            payload_ends: ends.to_vec(),
+            shared: shared.to_vec(),
+            shared_ends: shared_ends.to_vec(),
+            fills: fills.to_vec(),
+            fill_ends: fill_ends.to_vec(),
         }
     }
+
+    const LIMIT: usize = 1 << 20;
 
     #[test]
     fn client_ids_pack_and_unpack() {
@@ -234,42 +305,102 @@ mod tests {
         assert_eq!(ids.get(4), None);
     }
 
+    fn pairs(d: &Drafts) -> Vec<(&str, &[u8])> {
+        d.iter().map(|d| (d.client_id, d.payload)).collect()
+    }
+
     #[test]
-    fn drafts_pair_each_payload_with_its_client() {
+    fn drafts_are_rendered_and_paired_with_their_clients() {
         let ids: ClientIds = ["alice", "bob"].into_iter().collect();
-        let d = Drafts::new(ids, packed(b"{1}{22}", &[3, 7])).unwrap();
+        // Two slots: {"a":<fill 0>,"b":<fill 1>}
+        let t = template(br#"{"a":,"b":}"#, &[5, 10, 11], b"1xx222y", &[1, 3, 6, 7]);
+        let d = Drafts::new(ids, t, LIMIT).unwrap();
         assert_eq!(d.len(), 2);
-        let pairs: Vec<(&str, &[u8])> = d.iter().map(|d| (d.client_id, d.payload)).collect();
-        assert_eq!(pairs, [("alice", &b"{1}"[..]), ("bob", &b"{22}"[..])]);
+        assert_eq!(
+            pairs(&d),
+            [
+                ("alice", &br#"{"a":1,"b":xx}"#[..]),
+                ("bob", &br#"{"a":222,"b":y}"#[..])
+            ]
+        );
         assert_eq!(d.campaign, campaign());
         assert_eq!(d.trigger_datetime_created, 2);
     }
 
     #[test]
+    fn templates_without_slots_or_shared_parts_render_too() {
+        let ids = || ["alice", "bob"].into_iter().collect::<ClientIds>();
+        // No slot: every draft is the one shared part.
+        let d = Drafts::new(ids(), template(b"{}", &[2], b"", &[]), LIMIT).unwrap();
+        assert_eq!(pairs(&d), [("alice", &b"{}"[..]), ("bob", &b"{}"[..])]);
+        // Empty shared parts: every draft is its own fill (how 2.x drafts map onto 3.x).
+        let d = Drafts::new(ids(), template(b"", &[0, 0], b"{1}{22}", &[3, 7]), LIMIT).unwrap();
+        assert_eq!(pairs(&d), [("alice", &b"{1}"[..]), ("bob", &b"{22}"[..])]);
+        // No clients: no drafts.
+        let d = Drafts::new(ClientIds::new(), template(b"{}", &[1, 2], b"", &[]), LIMIT).unwrap();
+        assert!(d.is_empty());
+    }
+
+    #[test]
     fn a_result_that_breaks_the_contract_is_refused() {
         let ids = || ["alice", "bob"].into_iter().collect::<ClientIds>();
+        let new = |t| Drafts::new(ids(), t, LIMIT);
+        assert_eq!(new(template(b"", &[], b"", &[])), Err(BadDrafts::NoParts));
         assert_eq!(
-            Drafts::new(ids(), packed(b"{1}", &[3])),
+            new(template(b"{}", &[1, 2], b"1", &[1])),
             Err(BadDrafts::Count {
-                expected: 2,
+                clients: 2,
+                slots: 1,
                 got: 1
             })
         );
         assert_eq!(
-            Drafts::new(ids(), packed(b"{1}{2}", &[4, 3])),
+            new(template(b"{}", &[1, 2], b"12", &[2, 1])),
             Err(BadDrafts::OutOfOrder {
+                buffer: "fills",
                 index: 1,
-                end: 3,
-                previous: 4
+                end: 1,
+                previous: 2
             })
         );
         assert_eq!(
-            Drafts::new(ids(), packed(b"{1}{2}", &[3, 9])),
-            Err(BadDrafts::Length { end: 9, len: 6 })
+            new(template(b"{}", &[2, 1], b"12", &[1, 2])),
+            Err(BadDrafts::OutOfOrder {
+                buffer: "shared",
+                index: 1,
+                end: 1,
+                previous: 2
+            })
         );
         assert_eq!(
-            Drafts::new(ids(), packed(b"{1}{2}", &[3, 5])),
-            Err(BadDrafts::Length { end: 5, len: 6 })
+            new(template(b"{}", &[1, 3], b"12", &[1, 2])),
+            Err(BadDrafts::Length {
+                buffer: "shared",
+                end: 3,
+                len: 2
+            })
+        );
+        assert_eq!(
+            new(template(b"{}", &[1, 2], b"123", &[1, 2])),
+            Err(BadDrafts::Length {
+                buffer: "fills",
+                end: 2,
+                len: 3
+            })
+        );
+    }
+
+    #[test]
+    fn a_template_that_would_render_past_the_limit_is_refused() {
+        let ids: ClientIds = (0..1000).map(|i| i.to_string()).collect();
+        let shared = vec![b' '; 2048];
+        let t = template(&shared, &[1024, 2048], b"", &[0; 1000]);
+        assert_eq!(
+            Drafts::new(ids, t, LIMIT),
+            Err(BadDrafts::TooLarge {
+                bytes: 2048 * 1000,
+                limit: LIMIT
+            })
         );
     }
 }

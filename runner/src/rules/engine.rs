@@ -61,7 +61,17 @@ impl LoadError {
 }
 
 /// The major version of the WIT package: components exporting the same major are accepted.
-const WIT_MAJOR: &str = "2";
+const WIT_MAJOR: &str = major(WIT_VERSION);
+
+/// `"3"` of `"3.0.0"`.
+const fn major(version: &str) -> &str {
+    let b = version.as_bytes();
+    let mut i = 0;
+    while i < b.len() && b[i] != b'.' {
+        i += 1;
+    }
+    version.split_at(i).0
+}
 
 /// Splits `fooddelivery:campaign-rules/NAME@VERSION` into (NAME, VERSION).
 fn interface_name(name: &str) -> Option<(&str, &str)> {
@@ -556,17 +566,13 @@ impl RulesInstance {
         clients: &[S],
         now: i64,
     ) -> Result<Drafts, CallError> {
-        let bytes = clients.iter().map(|c| c.as_ref().len()).sum();
-        let mut packed = ClientIds::with_capacity(clients.len(), bytes);
-        for c in clients {
-            packed.push(c.as_ref());
-        }
-        self.shape_packed(campaign, packed, now)
+        self.shape_packed(campaign, ClientIds::packed(clients), now)
     }
 
     /// Shapes one draft per client of `clients`, already packed. The result keeps `clients`
-    /// and is checked against the contract (one draft per client, in order): a result that
-    /// breaks it is a [`CallError::BadOutput`].
+    /// and is checked against the contract (one draft per client, in order) and rendered,
+    /// bounded by the instance's memory limit: a result that breaks the contract or the limit
+    /// is a [`CallError::BadOutput`].
     pub fn shape_packed(
         &mut self,
         campaign: &super::bindings::Campaign,
@@ -585,7 +591,8 @@ impl RulesInstance {
                 clients.ends(),
                 now,
             );
-        let packed = r.map_err(|e| self.fail(e, timeout))?;
-        Drafts::new(clients, packed).map_err(CallError::BadOutput)
+        let template = r.map_err(|e| self.fail(e, timeout))?;
+        Drafts::new(clients, template, self.limits.memory_limit_bytes)
+            .map_err(CallError::BadOutput)
     }
 }

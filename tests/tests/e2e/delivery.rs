@@ -136,7 +136,7 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
             .iter()
             .map(|c| Some(format!("outbox draft for {c}").into_bytes()))
             .collect(),
-        headers: vec![("rules-version".into(), b"campaign-rules 2.0.0".to_vec())],
+        headers: vec![("rules-version".into(), b"campaign-rules 3.0.0".to_vec())],
     };
     let kept = sink
         .commit(

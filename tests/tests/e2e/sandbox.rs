@@ -46,13 +46,15 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
         with_content(4, "good two"),
         with_content(5, "PANIC now"),
         with_content(6, "good three"),
+        with_content(7, "AMPLIFY past the memory limit"),
+        with_content(8, "good four"),
     ];
     let messages: Vec<(Option<&str>, &[u8])> =
         values.iter().map(|v| (None, v.as_bytes())).collect();
     kafka.produce(&messages).await?;
     assert!(
         wait_for(Duration::from_secs(30), || running.stats().offsets_stored
-            >= 6)
+            >= 8)
         .await,
         "{:?}",
         running.stats()
@@ -61,19 +63,20 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
     assert_eq!(stats.dead_lettered("rules_timeout"), 1, "{stats:?}");
     assert_eq!(stats.dead_lettered("rules_oom"), 1, "{stats:?}");
     assert_eq!(stats.dead_lettered("rules_trap"), 1, "{stats:?}");
+    assert_eq!(stats.dead_lettered("rules_bad_output"), 1, "{stats:?}");
     assert_eq!(
-        stats.campaigns_delivered, 3,
+        stats.campaigns_delivered, 4,
         "each good campaign after a hostile one is delivered"
     );
 
-    let dead = kafka.dead_letters(3).await?;
-    assert_eq!(dead.len(), 3);
+    let dead = kafka.dead_letters(4).await?;
+    assert_eq!(dead.len(), 4);
     let by_reason = |r: &str| {
         dead.iter()
             .find(|m| header(m, header::DLQ_REASON) == Some(r))
             .expect(r)
     };
-    for r in ["rules_timeout", "rules_oom", "rules_trap"] {
+    for r in ["rules_timeout", "rules_oom", "rules_trap", "rules_bad_output"] {
         let m = by_reason(r);
         assert_eq!(
             header(m, header::RULES_VERSION),
@@ -86,8 +89,13 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
         trap.contains("panics on purpose"),
         "the guest's panic message reaches the dead letter: {trap}"
     );
-    let drafts = kafka.drafts(24).await?;
-    assert_eq!(drafts.len(), 24);
+    let amplified = header(by_reason("rules_bad_output"), header::DLQ_DETAIL).unwrap();
+    assert!(
+        amplified.contains("memory limit"),
+        "a template that would render past the limit is refused, not rendered: {amplified}"
+    );
+    let drafts = kafka.drafts(32).await?;
+    assert_eq!(drafts.len(), 32);
     assert!(drafts.iter().all(|m| json(m)["adv_campaign_content"]
         .as_str()
         .unwrap()

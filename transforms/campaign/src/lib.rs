@@ -128,8 +128,10 @@ mod component {
             Drafts {
                 campaign: c.into(),
                 trigger_datetime_created: now,
-                payloads: shaped.payloads,
-                payload_ends: shaped.ends,
+                shared: shaped.shared,
+                shared_ends: shaped.shared_ends,
+                fills: shaped.fills,
+                fill_ends: shaped.fill_ends,
             }
         }
     }

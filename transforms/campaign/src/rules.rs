@@ -169,29 +169,49 @@ fn seconds_field(obj: &Map<String, Value>, name: &str) -> Result<i64, Rejection>
     })
 }
 
-/// The drafts of one campaign, packed into one buffer: `payloads` is every draft's JSON value,
-/// concatenated, and `ends[i]` is where draft i ends in it (exclusive; draft i starts where
-/// draft i - 1 ends, the first at 0). Draft i is for client i, in the order the clients came.
-/// One allocation for all the drafts, not one per draft: this is what crosses the WIT
-/// boundary as `payloads` and `payload-ends`.
+/// The drafts of one campaign as a template, as they cross the WIT boundary (3.x `drafts`):
+/// the parts every draft shares, rendered once, and each client's fills for the slots between
+/// them. With k slots (`shared_ends.len() - 1`), draft i is
+/// `part 0 ++ fill(i, 0) ++ part 1 ++ … ++ fill(i, k - 1) ++ part k`. Both buffers are packed
+/// (one buffer plus end offsets), fills client by client. Draft i is for client i, in the order
+/// the clients came.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shaped {
-    pub payloads: Vec<u8>,
-    pub ends: Vec<u32>,
+    pub shared: Vec<u8>,
+    pub shared_ends: Vec<u32>,
+    pub fills: Vec<u8>,
+    pub fill_ends: Vec<u32>,
 }
 
 impl Shaped {
+    /// The number of slots (k): fills per draft.
+    pub fn slots(&self) -> usize {
+        self.shared_ends.len().saturating_sub(1)
+    }
+
+    /// The number of drafts, when there is at least one slot (otherwise every draft is the
+    /// same and their number is the caller's).
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.fill_ends.len().checked_div(self.slots()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len() == 0
     }
 
-    /// Every draft's payload, in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> {
-        unpack(&self.payloads, &self.ends)
+    /// Every draft's payload, in order, rendered from the template (what a host does).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Vec<u8>> + '_ {
+        let parts: Vec<&[u8]> = unpack(&self.shared, &self.shared_ends).collect();
+        let fills: Vec<&[u8]> = unpack(&self.fills, &self.fill_ends).collect();
+        let k = self.slots();
+        (0..self.len()).map(move |i| {
+            let mut draft = parts[0].to_vec();
+            for j in 0..k {
+                draft.extend_from_slice(fills[i * k + j]);
+                draft.extend_from_slice(parts[j + 1]);
+            }
+            draft
+        })
     }
 }
 
@@ -238,55 +258,64 @@ fn ranges(len: usize, ends: &[u32]) -> impl ExactSizeIterator<Item = std::ops::R
     })
 }
 
-/// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client, all
-/// into one buffer. The part before and after `client_id` is the same for every client, so it
-/// is rendered once and copied.
+/// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client, as a
+/// template with one slot, the `client_id` value: the part before it and the part after it are
+/// the same for every client, so they are rendered once, and each client adds only its id as a
+/// JSON string.
 ///
 /// # Panics
-/// When the drafts together exceed 4 GiB (their end offsets are `u32`, as in the WIT).
+/// When the parts or the fills exceed 4 GiB (their end offsets are `u32`, as in the WIT).
 pub fn shape<'a, I>(c: &Campaign, clients: I, now: i64) -> Shaped
 where
     I: IntoIterator<Item = &'a str>,
     I::IntoIter: ExactSizeIterator,
 {
-    let mut head = Vec::with_capacity(256 + c.adv_campaign_content.len());
-    head.extend_from_slice(b"{\"restaurant_id\":");
-    push_json_str(&mut head, &c.restaurant_id);
-    head.extend_from_slice(b",\"adv_campaign_id\":");
-    push_json_str(&mut head, &c.adv_campaign_id);
-    head.extend_from_slice(b",\"adv_campaign_content\":");
-    push_json_str(&mut head, &c.adv_campaign_content);
-    head.extend_from_slice(b",\"adv_campaign_owner\":");
-    push_json_str(&mut head, &c.adv_campaign_owner);
-    head.extend_from_slice(b",\"adv_campaign_owner_contact\":");
-    push_json_str(&mut head, &c.adv_campaign_owner_contact);
-    head.extend_from_slice(
+    let mut shared = Vec::with_capacity(320 + c.adv_campaign_content.len());
+    shared.extend_from_slice(b"{\"restaurant_id\":");
+    push_json_str(&mut shared, &c.restaurant_id);
+    shared.extend_from_slice(b",\"adv_campaign_id\":");
+    push_json_str(&mut shared, &c.adv_campaign_id);
+    shared.extend_from_slice(b",\"adv_campaign_content\":");
+    push_json_str(&mut shared, &c.adv_campaign_content);
+    shared.extend_from_slice(b",\"adv_campaign_owner\":");
+    push_json_str(&mut shared, &c.adv_campaign_owner);
+    shared.extend_from_slice(b",\"adv_campaign_owner_contact\":");
+    push_json_str(&mut shared, &c.adv_campaign_owner_contact);
+    shared.extend_from_slice(
         format!(
             ",\"adv_campaign_datetime_start\":{},\"adv_campaign_datetime_end\":{},\"client_id\":",
             c.adv_campaign_datetime_start, c.adv_campaign_datetime_end
         )
         .as_bytes(),
     );
-    let tail = format!(
-        ",\"datetime_created\":{},\"trigger_datetime_created\":{}}}",
-        c.datetime_created, now
+    let head_end = offset(shared.len());
+    shared.extend_from_slice(
+        format!(
+            ",\"datetime_created\":{},\"trigger_datetime_created\":{}}}",
+            c.datetime_created, now
+        )
+        .as_bytes(),
     );
+    let shared_ends = vec![head_end, offset(shared.len())];
 
     let clients = clients.into_iter();
     // Sized for ids as long as a hyphenated UUID (what the table holds); grows if they are not.
-    let per_draft = head.len() + tail.len() + 2 + 36;
-    let mut out = Shaped {
-        payloads: Vec::with_capacity(clients.len() * per_draft),
-        ends: Vec::with_capacity(clients.len()),
-    };
+    let mut fills = Vec::with_capacity(clients.len() * (36 + 2));
+    let mut fill_ends = Vec::with_capacity(clients.len());
     for client in clients {
-        out.payloads.extend_from_slice(&head);
-        push_json_str(&mut out.payloads, client);
-        out.payloads.extend_from_slice(tail.as_bytes());
-        let end = u32::try_from(out.payloads.len()).expect("drafts exceed 4 GiB");
-        out.ends.push(end);
+        push_json_str(&mut fills, client);
+        fill_ends.push(offset(fills.len()));
     }
-    out
+    Shaped {
+        shared,
+        shared_ends,
+        fills,
+        fill_ends,
+    }
+}
+
+fn offset(len: usize) -> u32 {
+    u32::try_from(len).expect("shaped drafts exceed 4 GiB")
 }
 
 /// Appends `s` as a JSON string, byte for byte as serde_json writes it. Text that needs no
@@ -349,13 +378,34 @@ mod tests {
         assert_eq!(out.len(), 2);
         let drafts: Vec<Value> = out
             .iter()
-            .map(|p| serde_json::from_slice(p).unwrap())
+            .map(|p| serde_json::from_slice(&p).unwrap())
             .collect();
         let v = &drafts[0];
         assert_eq!(v["adv_campaign_content"], "quote \" and \\ and \n newline");
         assert_eq!(v["client_id"], "x\"y");
         assert_eq!(v["trigger_datetime_created"], 2);
         assert_eq!(drafts[1]["client_id"], "plain");
+    }
+
+    #[test]
+    fn only_the_client_id_is_per_client() {
+        let c = Campaign {
+            restaurant_id: "r".into(),
+            adv_campaign_id: "a".into(),
+            adv_campaign_content: "c".into(),
+            adv_campaign_owner: "o".into(),
+            adv_campaign_owner_contact: "e".into(),
+            adv_campaign_datetime_start: 1,
+            adv_campaign_datetime_end: 3,
+            datetime_created: 0,
+        };
+        let out = shape(&c, ["x\"y", "plain"], 2);
+        assert_eq!(out.slots(), 1);
+        assert_eq!(out.fills, br#""x\"y""plain""#);
+        assert_eq!(out.fill_ends, [6, 13]);
+        let parts: Vec<&[u8]> = unpack(&out.shared, &out.shared_ends).collect();
+        assert!(parts[0].ends_with(br#","client_id":"#));
+        assert_eq!(parts[1], br#","datetime_created":0,"trigger_datetime_created":2}"#);
     }
 
     #[test]
