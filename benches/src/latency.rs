@@ -100,47 +100,51 @@ pub async fn run(
     swap_every: Duration,
     runs: usize,
 ) -> Result<Report> {
-    let broker = Broker::start()?;
-    let url = runner::demo::fresh_database(admin_url, "bench_latency").await?;
-    let c = runner::db::connect(&url).await?;
-    runner::db::ensure_schema(&c).await?;
-    let restaurants = 100;
-    c.batch_execute(&format!(
-        "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
-         '00000000-0000-4000-8000-' || lpad(to_hex(g / {subscribers}), 12, '0') FROM generate_series(0, {}) g",
-        restaurants * subscribers - 1
-    ))
-    .await?;
-    let dir = std::env::temp_dir().join(format!("bench-latency-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let live = dir.join("rules.wasm");
-    std::fs::copy(rules, &live)?;
-    let rules_extra = format!(
-        "settle = \"50ms\"\ncompile_cache_dir = \"{}\"\n",
-        dir.join("compiled").display()
-    );
-    let (running, input) = broker.start_runner(&url, &live, &rules_extra).await?;
-    // Warm-up: join the group, compile both versions once (the cache then serves swaps).
-    steady_load(
-        &running,
-        &broker.brokers(),
-        &input,
-        restaurants,
-        20,
-        2,
-        |_| {},
-    )
-    .await?;
-    for src in [v2, rules] {
-        std::fs::copy(src, dir.join("swap.tmp"))?;
-        std::fs::rename(dir.join("swap.tmp"), &live)?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
     let mut report = Report::new("latency");
     let mut stage_figures = std::collections::BTreeMap::new();
     let (mut p50, mut p99, mut max, mut s99, mut delta, mut swaps) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut label = String::new();
     for run in 1..=runs {
+        // Each run on a fresh broker, database and runner: tansu keeps topics in memory and
+        // was measured to slow down run after run on one process (fetch and Kafka stages).
+        let broker = Broker::start()?;
+        let url = runner::demo::fresh_database(admin_url, "bench_latency").await?;
+        let c = runner::db::connect(&url).await?;
+        runner::db::ensure_schema(&c).await?;
+        let restaurants = 100;
+        c.batch_execute(&format!(
+            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
+             '00000000-0000-4000-8000-' || lpad(to_hex(g / {subscribers}), 12, '0') FROM generate_series(0, {}) g",
+            restaurants * subscribers - 1
+        ))
+        .await?;
+        let dir = std::env::temp_dir().join(format!("bench-latency-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let live = dir.join("rules.wasm");
+        std::fs::copy(rules, &live)?;
+        let rules_extra = format!(
+            "settle = \"50ms\"\ncompile_cache_dir = \"{}\"\n",
+            dir.join("compiled").display()
+        );
+        let (running, input) = broker.start_runner(&url, &live, &rules_extra).await?;
+        // Warm-up: join the group, compile both versions once (the cache then serves swaps).
+        steady_load(
+            &running,
+            &broker.brokers(),
+            &input,
+            restaurants,
+            20,
+            2,
+            |_| {},
+        )
+        .await?;
+        for src in [v2, rules] {
+            std::fs::copy(src, dir.join("swap.tmp"))?;
+            std::fs::rename(dir.join("swap.tmp"), &live)?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        label = broker.label().to_string();
         let quiet = steady_load(
             &running,
             &broker.brokers(),
@@ -192,9 +196,9 @@ pub async fn run(
         s99.push(b);
         delta.push(b - a);
         swaps.push(n_swaps as f64);
+        running.stop().await?;
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    running.stop().await?;
-    let _ = std::fs::remove_dir_all(&dir);
     report.add(
         "latency p50 (produce → both sinks committed)",
         "ms",
@@ -213,8 +217,8 @@ pub async fn run(
         }
     }
     report.notes.push(format!(
-        "Broker: {}. {rate} campaigns/s x {subscribers} subscribers for {secs} s per phase; swaps every {:?} in the second phase.",
-        broker.label(),
+        "Broker: {}. {rate} campaigns/s x {subscribers} subscribers for {secs} s per phase; swaps every {:?} in the second phase. Each run on a fresh broker process, database and runner.",
+        label,
         swap_every
     ));
     Ok(report)
