@@ -86,9 +86,7 @@ fn shape(c: &mut Criterion, wasm: &mut RulesInstance) {
         let clients = clients(n);
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("native", n), &clients, |b, clients| {
-            b.iter(|| {
-                black_box(bench::shape(&campaign, &native_campaign, clients, NOW))
-            })
+            b.iter(|| black_box(bench::shape(&campaign, &native_campaign, clients, NOW)))
         });
         g.bench_with_input(BenchmarkId::new("wasm", n), &clients, |b, clients| {
             b.iter(|| black_box(wasm.shape(&campaign, clients, NOW).expect("no trap")))

@@ -282,7 +282,12 @@ mod tests {
         }
     }
 
-    fn template(shared: &[u8], shared_ends: &[u32], fills: &[u8], fill_ends: &[u32]) -> TemplateDrafts {
+    fn template(
+        shared: &[u8],
+        shared_ends: &[u32],
+        fills: &[u8],
+        fill_ends: &[u32],
+    ) -> TemplateDrafts {
         TemplateDrafts {
             campaign: campaign(),
             trigger_datetime_created: 2,

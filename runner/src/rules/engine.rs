@@ -592,7 +592,6 @@ impl RulesInstance {
                 now,
             );
         let template = r.map_err(|e| self.fail(e, timeout))?;
-        Drafts::new(clients, template, self.limits.memory_limit_bytes)
-            .map_err(CallError::BadOutput)
+        Drafts::new(clients, template, self.limits.memory_limit_bytes).map_err(CallError::BadOutput)
     }
 }

@@ -7,8 +7,7 @@ mod engine;
 mod reload;
 
 pub use bindings::{
-    Activity, Campaign, Rejection, RejectionCode, TemplateDrafts, Verdict, WIT_PACKAGE,
-    WIT_VERSION,
+    Activity, Campaign, Rejection, RejectionCode, TemplateDrafts, Verdict, WIT_PACKAGE, WIT_VERSION,
 };
 pub use drafts::{BadDrafts, ClientIds, Draft, Drafts};
 pub use engine::{

@@ -76,7 +76,12 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
             .find(|m| header(m, header::DLQ_REASON) == Some(r))
             .expect(r)
     };
-    for r in ["rules_timeout", "rules_oom", "rules_trap", "rules_bad_output"] {
+    for r in [
+        "rules_timeout",
+        "rules_oom",
+        "rules_trap",
+        "rules_bad_output",
+    ] {
         let m = by_reason(r);
         assert_eq!(
             header(m, header::RULES_VERSION),

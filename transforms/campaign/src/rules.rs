@@ -405,7 +405,10 @@ mod tests {
         assert_eq!(out.fill_ends, [6, 13]);
         let parts: Vec<&[u8]> = unpack(&out.shared, &out.shared_ends).collect();
         assert!(parts[0].ends_with(br#","client_id":"#));
-        assert_eq!(parts[1], br#","datetime_created":0,"trigger_datetime_created":2}"#);
+        assert_eq!(
+            parts[1],
+            br#","datetime_created":0,"trigger_datetime_created":2}"#
+        );
     }
 
     #[test]
