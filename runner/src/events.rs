@@ -80,6 +80,9 @@ pub mod stage {
     pub const QUEUED: &str = "queued";
     pub const EVALUATE: &str = "evaluate";
     pub const POSTGRES: &str = "postgres";
+    /// From a unit's PostgreSQL commit to its Kafka transaction starting (waiting for the
+    /// Kafka stage to finish the units before it).
+    pub const KAFKA_QUEUED: &str = "kafka_queued";
     pub const KAFKA: &str = "kafka";
     pub const OUTBOX_DELETE: &str = "outbox_delete";
 }
@@ -198,6 +201,11 @@ impl Events {
             .iter()
             .copied()
             .collect()
+    }
+
+    /// The latency samples recorded since the last call (or clear), removed.
+    pub fn take_latency_samples(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.latencies.lock().expect("latency lock")).into()
     }
 
     pub fn clear_latencies(&self) {

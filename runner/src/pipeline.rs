@@ -5,19 +5,24 @@
 //! messages off the async threads (in units of at most `batch_max_drafts` drafts), and make
 //! each unit durable with the delivery protocol: PostgreSQL transaction (fence check,
 //! idempotent insert, outbox), then Kafka transaction (records + the input offset), then the
-//! outbox is cleared. README, "Delivery guarantees", argues why nothing is lost or doubled.
+//! outbox is cleared. The Kafka transactions run in their own stage (`kafka_stage.rs`), so that one
+//! unit is published while the next is evaluated and written to PostgreSQL. README, "Delivery
+//! guarantees", argues why nothing is lost or doubled.
+
+mod kafka_stage;
 
 use crate::cache::{Snapshot, SubscriberCache};
 use crate::config::PipelineConfig;
 use crate::events::{stage, Events, SkipReason, SourcePos};
 use crate::rules::{Activity, Drafts, Evaluator, RulesIdentity};
 use crate::sink::feedback::{
-    CommitError, FeedbackRow, FeedbackSink, Fence, Kept, OutboxEntry, Target,
+    CommitError, FeedbackRow, FeedbackSink, Fence, Kept, OutboxEntry, Records, Target,
 };
-use crate::sink::kafka::{headers, OutRecord, TxError, TxProducer};
+use crate::sink::kafka::TxProducer;
 use crate::sink::{pause, stopped, Abandoned, Backoff};
 use crate::source::{CampaignConsumer, RebalanceEvent, Rebalances};
-use rdkafka::consumer::{CommitMode, Consumer};
+use kafka_stage::{unix_micros, Done, Job, Publisher, Stage};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -72,7 +77,8 @@ pub(crate) struct Worker {
 #[derive(Debug)]
 enum Outcome {
     Deliver {
-        drafts: Drafts,
+        /// Shared with the unit's outbox entry, which the Kafka stage publishes from.
+        drafts: Arc<Drafts>,
         trigger: i32,
     },
     Skip {
@@ -104,19 +110,14 @@ struct Owned {
     published_through: Option<i64>,
 }
 
-/// What became of a unit.
-enum Committed {
-    /// Durable in both sinks, through this input offset.
-    Yes { last: i64 },
-    /// The partition was taken by another runner; the unit is left to it.
-    Fenced,
-}
+/// A unit's PostgreSQL transaction committed: its outbox entries, and which of their records
+/// are to be published. None when the partition was taken by another runner (the unit is left
+/// to it).
+type Written = Option<(Vec<OutboxEntry>, Vec<Kept>)>;
 
 /// Everything the loop owns.
 pub struct Pipeline {
     pub(crate) cfg: PipelineConfig,
-    pub(crate) output_topic: String,
-    pub(crate) dead_letter_topic: String,
     pub(crate) consumer: Arc<CampaignConsumer>,
     pub(crate) rebalances: Arc<Rebalances>,
     /// The rules caller and the join's reusable client buffer; moved onto a blocking thread
@@ -134,6 +135,9 @@ pub struct Pipeline {
     pub(crate) events: Arc<Events>,
     pub(crate) clock: Arc<dyn Clock>,
     owned: HashMap<(String, i32), Owned>,
+    publisher: Publisher,
+    /// The Kafka stage, started by `run`.
+    stage: Option<Stage>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -170,11 +174,16 @@ impl Pipeline {
         let unit_sinks = (0..cfg.parallel_units)
             .map(|_| feedback.clone_unconnected())
             .collect();
+        let publisher = Publisher {
+            consumer: consumer.clone(),
+            events: events.clone(),
+            output_topic,
+            dead_letter_topic,
+            retry_max_backoff: cfg.sink_retry_max_backoff,
+        };
         Pipeline {
             unit_sinks,
             cfg,
-            output_topic,
-            dead_letter_topic,
             consumer,
             rebalances,
             worker: Some(worker),
@@ -186,7 +195,50 @@ impl Pipeline {
             events,
             clock,
             owned: HashMap::new(),
+            publisher,
+            stage: None,
         }
+    }
+
+    fn stage(&mut self) -> &mut Stage {
+        self.stage
+            .as_mut()
+            .expect("the Kafka stage runs while the pipeline does")
+    }
+
+    /// Applies what the Kafka stage reports: a published unit's outbox entries can be deleted;
+    /// a fenced partition is not ours any more.
+    fn apply(&mut self, done: Done) -> Result<(), Abandoned> {
+        match done {
+            Done::Published { key, epoch, last } => {
+                if let Some(o) = self.owned.get_mut(&key).filter(|o| o.fence.epoch == epoch) {
+                    o.published_through = Some(last);
+                }
+            }
+            Done::Fenced { key, epoch } => {
+                if self.owned.get(&key).is_some_and(|o| o.fence.epoch == epoch) {
+                    self.owned.remove(&key);
+                }
+            }
+            Done::Abandoned => return Err(Abandoned),
+        }
+        Ok(())
+    }
+
+    /// Applies what the Kafka stage has reported so far, without waiting.
+    fn absorb(&mut self) -> Result<(), Abandoned> {
+        while let Some(done) = self.stage().try_next() {
+            self.apply(done)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every unit handed to the Kafka stage is published (or fenced).
+    async fn drain(&mut self) -> Result<(), Abandoned> {
+        while let Some(done) = self.stage().next().await {
+            self.apply(done)?;
+        }
+        Ok(())
     }
 
     /// Runs until `shutdown` turns true, then drains: the unit in hand is finished (unless
@@ -197,6 +249,9 @@ impl Pipeline {
         mut shutdown: watch::Receiver<bool>,
         hard_stop: watch::Receiver<bool>,
     ) {
+        // One unit waits for the Kafka stage while it publishes another and the pipeline works
+        // on a third: enough to keep both sinks busy, and memory bounded by a few units.
+        self.stage = Some(Stage::start(self.publisher.clone(), 1, hard_stop.clone()));
         // The unit connections are made up front (a failure here is retried by the first unit
         // that needs the connection).
         let warm = futures::future::join_all(self.unit_sinks.iter_mut().map(|s| s.warm_up()));
@@ -217,6 +272,14 @@ impl Pipeline {
                 _ = stopped(&mut shutdown) => break,
                 _ = self.rebalances.notify.notified() => continue,
                 m = self.consumer.recv() => m,
+                done = self.stage.as_mut().expect("started above").next(),
+                    if self.stage.as_ref().is_some_and(|s| s.pending() > 0) =>
+                {
+                    if self.apply(done.expect("pending")).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(IDLE_OUTBOX_CLEANUP),
                     if self.owned.values().any(|o| o.published_through.is_some()) =>
                 {
@@ -244,6 +307,11 @@ impl Pipeline {
                 tracing::warn!("Stopping hard: the unit in hand was not completed; it is consumed again from the committed offset.");
                 break;
             }
+        }
+        // The units handed to the Kafka stage are published before the runner stops (unless it
+        // is told to stop hard: they stay in the outbox, for whoever takes the partitions over).
+        if !*hard_stop.borrow() && self.drain().await.is_err() {
+            tracing::warn!("Stopping hard: units written to PostgreSQL stay in the outbox; they are published by whoever takes their partitions over.");
         }
         tracing::info!("Pipeline drained.");
     }
@@ -285,7 +353,14 @@ impl Pipeline {
 
     /// Drops revoked partitions and recovers newly assigned ones.
     async fn apply_rebalances(&mut self, stop: watch::Receiver<bool>) -> Result<(), Abandoned> {
-        for event in self.rebalances.take() {
+        let events = self.rebalances.take();
+        if events.is_empty() {
+            return Ok(());
+        }
+        // Units in the Kafka stage finish first (published, or fenced if the group moved on):
+        // a partition is taken over from what is committed, with nothing of ours in flight.
+        self.drain().await?;
+        for event in events {
             match event {
                 RebalanceEvent::Revoked(parts) => {
                     for p in parts {
@@ -360,10 +435,17 @@ impl Pipeline {
             .collect();
         let mut next_offset = committed.unwrap_or(0);
         if let Some(last) = pending.last().map(|e| e.source_offset) {
-            let records = self.records(&pending, &Kept::all(&pending));
-            let refs = records.out(&self.output_topic, &self.dead_letter_topic);
+            let kept = Kept::all(&pending);
             if !self
-                .publish(&producer, topic, partition, last, &refs, &mut stop)
+                .publisher
+                .publish(
+                    &producer,
+                    (topic, partition),
+                    last,
+                    &pending,
+                    &kept,
+                    &mut stop,
+                )
                 .await?
             {
                 return Ok(());
@@ -372,7 +454,10 @@ impl Pipeline {
                 topic,
                 partition,
                 entries = pending.len(),
-                records = refs.len(),
+                records = kept
+                    .iter()
+                    .map(|k| k.records(&pending[k.entry]).count())
+                    .sum::<usize>(),
                 through = last,
                 "Recovered: outbox published."
             );
@@ -425,21 +510,6 @@ impl Pipeline {
         }
     }
 
-    /// Commits `next` the ordinary way too, after the transaction committed it. Redundant on a
-    /// broker that implements transactional offset commits; librdkafka's mock cluster accepts
-    /// TxnOffsetCommit but does not store it, and this is what lets a restart resume there.
-    fn commit_plain(&self, topic: &str, partition: i32, next: i64) {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(next))
-            .is_ok()
-        {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(error = %e, topic, partition, "Plain offset commit failed (the transactional one stands).");
-            }
-        }
-    }
-
     async fn seek(&self, topic: &str, partition: i32, offset: i64) {
         let consumer = self.consumer.clone();
         let t = topic.to_string();
@@ -455,53 +525,6 @@ impl Pipeline {
         if let Ok(Err(e)) = r {
             // Not fatal: messages before `offset` are skipped by the pipeline anyway.
             tracing::debug!(error = %e, topic, partition, offset, "Seek after recovery failed.");
-        }
-    }
-
-    /// Publishes records and commits the offset past `last`, in one transaction, retrying
-    /// aborted transactions. Ok(false): fenced, the partition is not ours any more.
-    async fn publish(
-        &self,
-        producer: &TxProducer,
-        topic: &str,
-        partition: i32,
-        last: i64,
-        records: &[OutRecord<'_>],
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool, Abandoned> {
-        let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
-        loop {
-            let mut offsets = TopicPartitionList::new();
-            if offsets
-                .add_partition_offset(topic, partition, Offset::Offset(last + 1))
-                .is_err()
-            {
-                return Err(Abandoned);
-            }
-            let Some(group) = self.consumer.group_metadata() else {
-                tracing::error!(
-                    "The consumer has no group metadata; cannot commit offsets in a transaction."
-                );
-                return Err(Abandoned);
-            };
-            match producer.publish(records, offsets, group).await {
-                Ok(()) => {
-                    self.commit_plain(topic, partition, last + 1);
-                    return Ok(true);
-                }
-                Err(TxError::Fenced(e)) => {
-                    tracing::warn!(error = %e, topic, partition, "The Kafka transaction was fenced.");
-                    self.events.fenced(topic, partition, "kafka");
-                    return Ok(false);
-                }
-                Err(TxError::Retry(e)) => {
-                    let wait = backoff.step();
-                    self.events.sink_retry("kafka", &e, backoff.attempt, wait);
-                    if !pause(wait, stop).await {
-                        return Err(Abandoned);
-                    }
-                }
-            }
         }
     }
 
@@ -580,35 +603,63 @@ impl Pipeline {
                 }
             }
             let identity = worker.evaluator.identity().clone();
-            let outcomes = self
-                .commit_units(&units, &identity, snapshot.version(), &stop)
-                .await;
-            for ((key, group), outcome) in units.iter().zip(outcomes) {
-                match outcome {
-                    Ok(Committed::Yes { last }) => {
-                        if let Some(o) = self.owned.get_mut(key) {
+            // What the Kafka stage published or found fenced since the last round: the
+            // cleanups this round's transactions carry, and the partitions no longer ours.
+            if let Err(e) = self.absorb() {
+                result = Err(e);
+                break;
+            }
+            // A chunk of units goes to PostgreSQL at once (`parallel_units`), and each unit goes
+            // on to the Kafka stage as soon as its chunk is written: the stage publishes it
+            // while the next chunk is written.
+            let mut units = units.into_iter();
+            let n = self.unit_sinks.len();
+            loop {
+                let chunk: Vec<_> = units.by_ref().take(n).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                let outcomes = self
+                    .write_units(&chunk, &identity, snapshot.version(), &stop)
+                    .await;
+                for ((key, group), outcome) in chunk.into_iter().zip(outcomes) {
+                    match outcome {
+                        Ok(Some((entries, kept))) => {
+                            let Some(o) = self.owned.get_mut(&key) else {
+                                continue;
+                            };
+                            let last = group
+                                .last()
+                                .map(|e| e.pos.offset)
+                                .expect("a unit has messages");
                             o.next_offset = last + 1;
-                            o.published_through = Some(last);
+                            let job = Job {
+                                epoch: o.fence.epoch,
+                                producer: o.producer.clone(),
+                                key,
+                                last,
+                                entries,
+                                kept,
+                                group,
+                                rules: identity.clone(),
+                                started,
+                                written: Instant::now(),
+                            };
+                            if let Err(e) = self.stage().send(job).await {
+                                result = Err(e);
+                            }
                         }
-                        let drafts: usize = group
-                            .iter()
-                            .map(|e| match &e.outcome {
-                                Outcome::Deliver { drafts, .. } => drafts.len(),
-                                _ => 0,
-                            })
-                            .sum();
-                        self.report(group, &identity);
-                        self.record_latency(group);
-                        self.events
-                            .batch_committed(group.len(), drafts, started.elapsed());
+                        Ok(None) => {
+                            // The partition is another runner's now: its unit and the rest of its
+                            // messages are left to it.
+                            self.owned.remove(&key);
+                            parts.remove(&key);
+                        }
+                        Err(e) => result = Err(e),
                     }
-                    Ok(Committed::Fenced) => {
-                        // The partition is another runner's now: its unit and the rest of its
-                        // messages are left to it.
-                        self.owned.remove(key);
-                        parts.remove(key);
-                    }
-                    Err(e) => result = Err(e),
+                }
+                if result.is_err() {
+                    break;
                 }
             }
             if result.is_err() {
@@ -619,40 +670,37 @@ impl Pipeline {
         result
     }
 
-    /// Makes units of different partitions durable at the same time, at most
-    /// `parallel_units` at once, each on its own PostgreSQL connection. One outcome per unit,
-    /// in order.
-    async fn commit_units(
+    /// Writes units of different partitions to PostgreSQL at the same time, each on its own
+    /// connection (as many as `parallel_units`). One outcome per unit, in order.
+    async fn write_units(
         &mut self,
         units: &[((String, i32), Vec<Evaluated>)],
         rules: &RulesIdentity,
         snapshot_version: u64,
         stop: &watch::Receiver<bool>,
-    ) -> Vec<Result<Committed, Abandoned>> {
+    ) -> Vec<Result<Written, Abandoned>> {
         let mut sinks = std::mem::take(&mut self.unit_sinks);
         let mut outcomes = Vec::with_capacity(units.len());
         {
             let this = &*self;
-            for chunk in units.chunks(sinks.len()) {
-                let done = futures::future::join_all(chunk.iter().zip(sinks.iter_mut()).map(
-                    |((key, group), sink)| {
-                        this.commit_unit(sink, key, group, rules, snapshot_version, stop.clone())
-                    },
-                ))
-                .await;
-                outcomes.extend(done);
-            }
+            let done = futures::future::join_all(units.iter().zip(sinks.iter_mut()).map(
+                |((key, group), sink)| {
+                    this.write_unit(sink, key, group, rules, snapshot_version, stop.clone())
+                },
+            ))
+            .await;
+            outcomes.extend(done);
         }
         self.unit_sinks = sinks;
         outcomes
     }
 
-    /// Makes one unit (a run of one partition's messages) durable: PostgreSQL first (drafts,
-    /// outbox, and the cleanup of the outbox entries the previous unit published), then Kafka
-    /// (records + offset, one transaction). The unit's own outbox entries are deleted by the
-    /// partition's next unit (or by whoever recovers the partition, judging by the committed
-    /// offset).
-    async fn commit_unit(
+    /// Writes one unit (a run of one partition's messages) to PostgreSQL: the drafts, the
+    /// outbox entries of what must reach Kafka, and the cleanup of the outbox entries the
+    /// partition's earlier units published. The Kafka stage then publishes it; its own outbox
+    /// entries are deleted by the partition's next unit (or by whoever recovers the partition,
+    /// judging by the committed offset).
+    async fn write_unit(
         &self,
         sink: &mut FeedbackSink,
         key: &(String, i32),
@@ -660,19 +708,11 @@ impl Pipeline {
         rules: &RulesIdentity,
         snapshot_version: u64,
         mut stop: watch::Receiver<bool>,
-    ) -> Result<Committed, Abandoned> {
+    ) -> Result<Written, Abandoned> {
         let Some(owned) = self.owned.get(key) else {
-            return Ok(Committed::Fenced);
+            return Ok(None);
         };
-        let (fence, producer, published_through) = (
-            owned.fence.clone(),
-            owned.producer.clone(),
-            owned.published_through,
-        );
-        let last = group
-            .last()
-            .map(|e| e.pos.offset)
-            .expect("a unit has messages");
+        let (fence, published_through) = (owned.fence.clone(), owned.published_through);
         let (rows, entries) = self.unit_outputs(group, rules, snapshot_version);
         let events = self.events.clone();
         let backoff = self.cfg.sink_retry_max_backoff;
@@ -690,28 +730,15 @@ impl Pipeline {
             .await;
         self.events
             .stage_time(stage::POSTGRES, t.elapsed().as_micros() as u64);
-        let kept = match committed {
-            Ok(kept) => kept,
+        drop(rows);
+        match committed {
+            Ok(kept) => Ok(Some((entries, kept))),
             Err(CommitError::Fenced { .. }) => {
                 self.events.fenced(&key.0, key.1, "postgres");
-                return Ok(Committed::Fenced);
+                Ok(None)
             }
-            Err(CommitError::Abandoned(a)) => return Err(a),
-        };
-        drop(rows);
-        let records = self.records(&entries, &kept);
-        let refs = records.out(&self.output_topic, &self.dead_letter_topic);
-        let t = Instant::now();
-        let published = self
-            .publish(&producer, &key.0, key.1, last, &refs, &mut stop)
-            .await?;
-        self.events
-            .stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
-        Ok(if published {
-            Committed::Yes { last }
-        } else {
-            Committed::Fenced
-        })
+            Err(CommitError::Abandoned(a)) => Err(a),
+        }
     }
 
     /// Deletes the outbox entries of partitions that have been idle since their last unit was
@@ -787,13 +814,7 @@ impl Pipeline {
                     entries.push(OutboxEntry {
                         source_offset: e.pos.offset,
                         target: Target::Drafts,
-                        campaign_id: Some(c.adv_campaign_id.clone()),
-                        clients: drafts.iter().map(|d| d.client_id.to_owned()).collect(),
-                        keys: drafts
-                            .iter()
-                            .map(|d| Some(d.client_id.as_bytes().to_vec()))
-                            .collect(),
-                        payloads: drafts.iter().map(|d| Some(d.payload.to_vec())).collect(),
+                        records: Records::Drafts(drafts.clone()),
                         headers,
                     });
                 }
@@ -821,10 +842,10 @@ impl Pipeline {
                     entries.push(OutboxEntry {
                         source_offset: e.pos.offset,
                         target: Target::DeadLetters,
-                        campaign_id: None,
-                        clients: Vec::new(),
-                        keys: vec![e.msg.key().map(<[u8]>::to_vec)],
-                        payloads: vec![e.msg.payload().map(<[u8]>::to_vec)],
+                        records: Records::Raw {
+                            keys: vec![e.msg.key().map(<[u8]>::to_vec)],
+                            payloads: vec![e.msg.payload().map(<[u8]>::to_vec)],
+                        },
                         headers,
                     });
                 }
@@ -832,91 +853,6 @@ impl Pipeline {
             }
         }
         (rows, entries)
-    }
-
-    /// The Kafka records of what was kept of outbox entries.
-    fn records<'e>(&self, entries: &'e [OutboxEntry], kept: &[Kept]) -> Records<'e> {
-        let mut out = Records {
-            headers: Vec::with_capacity(kept.len()),
-            records: Vec::new(),
-        };
-        for k in kept {
-            let e = &entries[k.entry];
-            out.headers.push(headers(
-                e.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-            ));
-            let h = out.headers.len() - 1;
-            out.records.extend(k.records(e).map(|i| Rec {
-                target: e.target,
-                key: e.keys[i].as_deref(),
-                payload: e.payloads[i].as_deref(),
-                headers: h,
-            }));
-        }
-        out
-    }
-
-    /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
-    fn record_latency(&self, group: &[Evaluated]) {
-        let now_us = unix_micros();
-        for e in group {
-            if let Some(ms) = e.msg.timestamp().to_millis() {
-                self.events
-                    .committed_latency((now_us - ms * 1000).max(0) as u64);
-            }
-        }
-    }
-
-    fn report(&self, group: &[Evaluated], rules: &RulesIdentity) {
-        let rules = rules.to_string();
-        for e in group {
-            match &e.outcome {
-                Outcome::Deliver { drafts, .. } => self.events.delivered(
-                    &e.pos,
-                    &drafts.campaign.adv_campaign_id,
-                    drafts.len(),
-                    &rules,
-                ),
-                Outcome::Skip {
-                    reason,
-                    campaign_id,
-                } => self.events.skipped(*reason, &e.pos, campaign_id),
-                Outcome::DeadLetter { code, detail, .. } => {
-                    self.events.dead_lettered(code, detail, &e.pos, &rules)
-                }
-            }
-        }
-    }
-}
-
-/// Records to publish, borrowing from outbox entries; the headers are built once per entry.
-struct Records<'e> {
-    headers: Vec<rdkafka::message::OwnedHeaders>,
-    records: Vec<Rec<'e>>,
-}
-
-struct Rec<'e> {
-    target: Target,
-    key: Option<&'e [u8]>,
-    payload: Option<&'e [u8]>,
-    /// Index into `Records::headers`.
-    headers: usize,
-}
-
-impl<'e> Records<'e> {
-    fn out<'a>(&'a self, output: &'a str, dead_letters: &'a str) -> Vec<OutRecord<'a>> {
-        self.records
-            .iter()
-            .map(|r| OutRecord {
-                topic: match r.target {
-                    Target::Drafts => output,
-                    Target::DeadLetters => dead_letters,
-                },
-                key: r.key,
-                payload: r.payload,
-                headers: &self.headers[r.headers],
-            })
-            .collect()
     }
 }
 
@@ -1011,7 +947,10 @@ fn evaluate_one(
     };
     // The feedback table's column is int4: refuse loudly rather than wrap (January 2038).
     match i32::try_from(drafts.trigger_datetime_created) {
-        Ok(trigger) => Outcome::Deliver { drafts, trigger },
+        Ok(trigger) => Outcome::Deliver {
+            drafts: Arc::new(drafts),
+            trigger,
+        },
         Err(_) => {
             tracing::error!(
                 trigger_datetime_created = drafts.trigger_datetime_created,
@@ -1027,12 +966,4 @@ fn evaluate_one(
             )
         }
     }
-}
-
-/// Wall-clock time in microseconds since the unix epoch (Kafka timestamps are wall-clock).
-fn unix_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

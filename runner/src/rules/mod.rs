@@ -9,7 +9,7 @@ mod reload;
 pub use bindings::{
     Activity, Campaign, Rejection, RejectionCode, TemplateDrafts, Verdict, WIT_PACKAGE, WIT_VERSION,
 };
-pub use drafts::{BadDrafts, ClientIds, Draft, Drafts};
+pub use drafts::{BadDrafts, BadEncoding, ClientIds, Draft, Drafts};
 pub use engine::{
     CallError, LoadError, LoadedRules, RulesEngine, RulesIdentity, RulesInstance, SandboxLimits,
 };

@@ -8,8 +8,10 @@
 use super::{pause, Abandoned, Backoff};
 use crate::db::{self, DbError};
 use crate::events::Events;
+use crate::rules::Drafts;
 use futures::{pin_mut, TryStreamExt};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -26,7 +28,8 @@ const COPY_DIRECT_SQL: &str = "COPY public.subscribers_feedback (restaurant_id, 
 const FENCE_SQL: &str = "SELECT epoch FROM public.campaign_runner_fences \
     WHERE topic = $1 AND partition = $2 FOR UPDATE";
 const COPY_OUTBOX_SQL: &str = "COPY public.campaign_runner_outbox \
-    (topic, partition, source_offset, target, keys, payloads, headers) FROM STDIN (FORMAT binary)";
+    (topic, partition, source_offset, target, keys, payloads, drafts, headers) \
+    FROM STDIN (FORMAT binary)";
 
 const DELETE_OUTBOX_SQL: &str = "DELETE FROM public.campaign_runner_outbox \
     WHERE topic = $1 AND partition = $2 AND source_offset <= $3";
@@ -44,13 +47,14 @@ pub const COLUMN_TYPES: [Type; 10] = [
     Type::TEXT,
     Type::INT4,
 ];
-const OUTBOX_TYPES: [Type; 7] = [
+const OUTBOX_TYPES: [Type; 8] = [
     Type::TEXT,
     Type::INT4,
     Type::INT8,
     Type::TEXT,
     Type::BYTEA_ARRAY,
     Type::BYTEA_ARRAY,
+    Type::BYTEA,
     Type::BYTEA,
 ];
 
@@ -92,13 +96,55 @@ impl Target {
 pub struct OutboxEntry {
     pub source_offset: i64,
     pub target: Target,
-    /// The campaign of the drafts (None for a dead letter).
-    pub campaign_id: Option<String>,
-    /// Per record: the client (drafts only), the key and the value.
-    pub clients: Vec<String>,
-    pub keys: Vec<Option<Vec<u8>>>,
-    pub payloads: Vec<Option<Vec<u8>>>,
+    pub records: Records,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The records of an outbox entry.
+#[derive(Debug, Clone)]
+pub enum Records {
+    /// A campaign's drafts as the rules shaped them: record i is client i's draft, keyed by the
+    /// client id. The outbox stores them as their template ([`Drafts::encode`]).
+    Drafts(Arc<Drafts>),
+    /// Records given whole: a dead letter, or entries read back from the outbox.
+    Raw {
+        keys: Vec<Option<Vec<u8>>>,
+        payloads: Vec<Option<Vec<u8>>>,
+    },
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        match self {
+            Records::Drafts(d) => d.len(),
+            Records::Raw { payloads, .. } => payloads.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Record `i`'s key and value.
+    ///
+    /// # Panics
+    /// If `i` is not below [`Records::len`].
+    pub fn get(&self, i: usize) -> (Option<&[u8]>, Option<&[u8]>) {
+        match self {
+            Records::Drafts(d) => {
+                let d = d.get(i).expect("record index below len");
+                (Some(d.client_id.as_bytes()), Some(d.payload))
+            }
+            Records::Raw { keys, payloads } => (keys[i].as_deref(), payloads[i].as_deref()),
+        }
+    }
+}
+
+impl OutboxEntry {
+    /// Record `i`'s key and value.
+    pub fn record(&self, i: usize) -> (Option<&[u8]>, Option<&[u8]>) {
+        self.records.get(i)
+    }
 }
 
 /// This runner's claim on an input partition.
@@ -335,31 +381,13 @@ impl FeedbackSink {
         retrying!(self, "load outbox", events, max_backoff, stop, |c| async {
             let rows = c
                 .query(
-                    "SELECT source_offset, target, keys, payloads, headers FROM public.campaign_runner_outbox \
+                    "SELECT source_offset, target, keys, payloads, drafts, headers FROM public.campaign_runner_outbox \
                      WHERE topic = $1 AND partition = $2 ORDER BY source_offset, id",
                     &[&f.topic, &f.partition],
                 )
                 .await
                 .map_err(|e| OpError::Db(DbError::from_pg(e)))?;
-            Ok(rows
-                .iter()
-                .map(|r| {
-                    let keys: Vec<Option<Vec<u8>>> = r.get(2);
-                    OutboxEntry {
-                        source_offset: r.get(0),
-                        target: if r.get::<_, &str>(1) == "drafts" {
-                            Target::Drafts
-                        } else {
-                            Target::DeadLetters
-                        },
-                        campaign_id: None,
-                        clients: Vec::new(),
-                        payloads: r.get(3),
-                        headers: decode_headers(r.get(4)).unwrap_or_default(),
-                        keys,
-                    }
-                })
-                .collect())
+            rows.iter().map(stored_entry).collect::<Result<Vec<_>, _>>()
         })
     }
 
@@ -460,10 +488,51 @@ impl Kept {
     /// The indexes of the records kept of `e` (this `Kept`'s entry).
     pub fn records<'k>(&'k self, e: &OutboxEntry) -> Box<dyn Iterator<Item = usize> + 'k> {
         match &self.only {
-            None => Box::new(0..e.payloads.len()),
+            None => Box::new(0..e.records.len()),
             Some(v) => Box::new(v.iter().copied()),
         }
     }
+}
+
+/// An outbox row read back: its records whole (drafts stored as their template are rendered).
+/// A row that cannot be read is an operator's problem, never skipped: the read is retried.
+fn stored_entry(r: &tokio_postgres::Row) -> Result<OutboxEntry, OpError> {
+    let damaged = |detail: String| {
+        OpError::Db(DbError::Schema {
+            table: "campaign_runner_outbox",
+            detail,
+        })
+    };
+    let source_offset: i64 = r.get(0);
+    let headers = decode_headers(r.get(5)).ok_or_else(|| {
+        damaged(format!(
+            "the headers of the entry at source offset {source_offset} cannot be decoded"
+        ))
+    })?;
+    let records = match r.get::<_, Option<&[u8]>>(4) {
+        Some(stored) => {
+            let (keys, payloads) = Drafts::decode(stored)
+                .map_err(|e| damaged(format!("entry at source offset {source_offset}: {e}")))?
+                .into_iter()
+                .map(|(k, p)| (Some(k), Some(p)))
+                .unzip();
+            Records::Raw { keys, payloads }
+        }
+        None => Records::Raw {
+            keys: r.get(2),
+            payloads: r.get(3),
+        },
+    };
+    Ok(OutboxEntry {
+        source_offset,
+        target: if r.get::<_, &str>(1) == "drafts" {
+            Target::Drafts
+        } else {
+            Target::DeadLetters
+        },
+        records,
+        headers,
+    })
 }
 
 /// Streams `rows` into a binary COPY.
@@ -493,6 +562,9 @@ async fn copy_rows<S: tokio_postgres::ToStatement + ?Sized>(
     writer.finish().await?;
     Ok(())
 }
+
+/// A bytea[] column's values.
+type Column<'a> = Vec<Option<&'a [u8]>>;
 
 /// One attempt at a unit's transaction. `direct`: COPY the drafts straight into the table,
 /// which the unique index refuses as a whole if any (campaign, client) pair is there already (a
@@ -547,16 +619,24 @@ async fn commit_once(
         for k in &kept {
             let e = &entries[k.entry];
             let headers = encode_headers(&e.headers);
-            let keys: Vec<Option<&[u8]>> = k.records(e).map(|i| e.keys[i].as_deref()).collect();
-            let payloads: Vec<Option<&[u8]>> =
-                k.records(e).map(|i| e.payloads[i].as_deref()).collect();
-            let values: [&(dyn ToSql + Sync); 7] = [
+            // A campaign's drafts, all kept, are stored as their template (a tenth of the
+            // bytes); anything else record by record.
+            let (keys, payloads, drafts): (Column<'_>, Column<'_>, _) = match (&e.records, &k.only)
+            {
+                (Records::Drafts(d), None) => (Vec::new(), Vec::new(), Some(d.encode())),
+                _ => {
+                    let (keys, payloads) = k.records(e).map(|i| e.record(i)).unzip();
+                    (keys, payloads, None)
+                }
+            };
+            let values: [&(dyn ToSql + Sync); 8] = [
                 &fence.topic,
                 &fence.partition,
                 &e.source_offset,
                 &e.target.as_str(),
                 &keys,
                 &payloads,
+                &drafts,
                 &headers,
             ];
             writer.as_mut().write(&values).await?;
@@ -586,17 +666,23 @@ async fn insert_new_only(
     Ok(entries
         .iter()
         .enumerate()
-        .filter_map(|(entry, e)| match (&e.target, &e.campaign_id) {
-            (Target::Drafts, Some(campaign)) => {
-                let only: Vec<usize> = (0..e.clients.len())
-                    .filter(|&i| new_pairs.remove(&(campaign.clone(), e.clients[i].clone())))
+        .filter_map(|(entry, e)| match &e.records {
+            Records::Drafts(d) => {
+                let campaign = &d.campaign.adv_campaign_id;
+                let only: Vec<usize> = d
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, draft)| {
+                        new_pairs.remove(&(campaign.clone(), draft.client_id.to_string()))
+                    })
+                    .map(|(i, _)| i)
                     .collect();
                 (!only.is_empty()).then_some(Kept {
                     entry,
-                    only: (only.len() < e.payloads.len()).then_some(only),
+                    only: (only.len() < d.len()).then_some(only),
                 })
             }
-            _ => Some(Kept { entry, only: None }),
+            Records::Raw { .. } => Some(Kept { entry, only: None }),
         })
         .collect())
 }

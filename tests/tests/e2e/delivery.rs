@@ -6,7 +6,8 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::sink::feedback::{FeedbackRow, FeedbackSink, Kept, OutboxEntry, Target};
+use runner::rules::{Campaign, ClientIds, Drafts, TemplateDrafts};
+use runner::sink::feedback::{FeedbackRow, FeedbackSink, Kept, OutboxEntry, Records, Target};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,19 +124,41 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
             trigger_datetime_created: (NOW - 5) as i32,
         })
         .collect();
+    // The drafts as the rules hand them over (a template: one slot, filled with the client
+    // id), so the takeover below renders them from the outbox's stored template.
+    let fills: String = clients.concat();
+    let fill_ends = clients
+        .iter()
+        .scan(0, |end, c| {
+            *end += c.len() as u32;
+            Some(*end)
+        })
+        .collect();
+    let drafts = Drafts::new(
+        ClientIds::packed(&clients),
+        TemplateDrafts {
+            campaign: Campaign {
+                restaurant_id: R0.into(),
+                adv_campaign_id: campaign_id.into(),
+                adv_campaign_content: "from the crashed runner".into(),
+                adv_campaign_owner: "o".into(),
+                adv_campaign_owner_contact: "c".into(),
+                adv_campaign_datetime_start: NOW - 10,
+                adv_campaign_datetime_end: NOW + 10,
+                datetime_created: NOW - 110,
+            },
+            trigger_datetime_created: NOW - 5,
+            shared: b"outbox draft for ".to_vec(),
+            shared_ends: vec![17, 17],
+            fills: fills.into_bytes(),
+            fill_ends,
+        },
+        1 << 20,
+    )?;
     let entry = OutboxEntry {
         source_offset: 0,
         target: Target::Drafts,
-        campaign_id: Some(campaign_id.to_string()),
-        clients: clients.clone(),
-        keys: clients
-            .iter()
-            .map(|c| Some(c.as_bytes().to_vec()))
-            .collect(),
-        payloads: clients
-            .iter()
-            .map(|c| Some(format!("outbox draft for {c}").into_bytes()))
-            .collect(),
+        records: Records::Drafts(Arc::new(drafts)),
         headers: vec![("rules-version".into(), b"campaign-rules 3.0.0".to_vec())],
     };
     let kept = sink
