@@ -52,7 +52,7 @@ enum Workload {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// Latency at a steady rate, then the same while the rules are swapped under load.
+    /// Latency at a steady rate, in slices that alternate quiet and swapping the rules.
     Latency {
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
         rules: std::path::PathBuf,
@@ -64,8 +64,11 @@ enum Workload {
         subscribers: usize,
         #[arg(long, default_value_t = 30)]
         secs: u64,
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-        swap_every: std::time::Duration,
+        /// Quiet and swapping slices alternate, each this long (`secs` of each in all).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        slice: std::time::Duration,
+        #[arg(long, default_value_t = 2)]
+        swaps_per_slice: u32,
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
@@ -89,7 +92,8 @@ async fn main() -> Result<()> {
             rate,
             subscribers,
             secs,
-            swap_every,
+            slice,
+            swaps_per_slice,
             runs,
         } => {
             latency::run(
@@ -99,7 +103,8 @@ async fn main() -> Result<()> {
                 rate,
                 subscribers,
                 secs,
-                swap_every,
+                slice,
+                swaps_per_slice,
                 runs,
             )
             .await?
