@@ -38,10 +38,10 @@ fn machine_busy_secs() -> f64 {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal …: busy is all but idle and iowait.
-    let total: f64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
-    (total - idle) / 100.0
+    // user nice system idle iowait irq softirq steal …: busy is user, nice, system, irq and
+    // softirq (not idle, iowait, nor time the hypervisor gave to someone else).
+    let busy: f64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
+    busy / 100.0
 }
 
 /// A phase's rate (items/s) and the machine's busy CPU time per item (µs) over the same

@@ -249,9 +249,13 @@ impl Pipeline {
         mut shutdown: watch::Receiver<bool>,
         hard_stop: watch::Receiver<bool>,
     ) {
-        // One unit waits for the Kafka stage while it publishes another and the pipeline works
-        // on a third: enough to keep both sinks busy, and memory bounded by a few units.
-        self.stage = Some(Stage::start(self.publisher.clone(), 1, hard_stop.clone()));
+        // Units written to PostgreSQL and not yet published hold at most two units' worth of
+        // drafts: enough to keep both sinks busy, and memory bounded.
+        self.stage = Some(Stage::start(
+            self.publisher.clone(),
+            2 * self.cfg.batch_max_drafts,
+            hard_stop.clone(),
+        ));
         // The unit connections are made up front (a failure here is retried by the first unit
         // that needs the connection).
         let warm = futures::future::join_all(self.unit_sinks.iter_mut().map(|s| s.warm_up()));
@@ -442,8 +446,7 @@ impl Pipeline {
                     &producer,
                     (topic, partition),
                     last,
-                    &pending,
-                    &kept,
+                    &[(&pending, &kept)],
                     &mut stop,
                 )
                 .await?
@@ -644,6 +647,7 @@ impl Pipeline {
                                 rules: identity.clone(),
                                 started,
                                 written: Instant::now(),
+                                room: None,
                             };
                             if let Err(e) = self.stage().send(job).await {
                                 result = Err(e);

@@ -1,7 +1,9 @@
-//! The Kafka stage: units whose PostgreSQL transaction committed are published here, one Kafka
-//! transaction each (records + the input offset), in the order they were handed over, while
-//! the pipeline evaluates and writes the next units to PostgreSQL. The two sinks then work at
-//! the same time instead of taking turns.
+//! The Kafka stage: units whose PostgreSQL transaction committed are published here (records +
+//! the input offset, in Kafka transactions), in the order they were handed over, while the
+//! pipeline evaluates and writes the next units to PostgreSQL. The two sinks then work at the
+//! same time instead of taking turns. Units of one partition that queued up while the stage was
+//! busy go out in one transaction (group commit): a transaction's fixed cost (several broker
+//! round trips) is paid once for all of them.
 //!
 //! Why this keeps the delivery protocol: a unit reaches this stage only after its PostgreSQL
 //! transaction put it in the outbox, and a partition's Kafka transactions still commit in input
@@ -22,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// Publishes units to Kafka: what both the Kafka stage and partition recovery use.
 #[derive(Clone)]
@@ -35,20 +37,25 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes what was kept of `entries` and commits the offset past `last`, in one
-    /// transaction, retrying aborted transactions. Ok(false): fenced, the partition is not ours
-    /// any more.
+    /// Publishes what was kept of each unit's entries and commits the offset past `last`, in
+    /// one transaction, retrying aborted transactions. Ok(false): fenced, the partition is not
+    /// ours any more.
     pub(crate) async fn publish(
         &self,
         producer: &TxProducer,
         (topic, partition): (&str, i32),
         last: i64,
-        entries: &[OutboxEntry],
-        kept: &[Kept],
+        units: &[(&[OutboxEntry], &[Kept])],
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool, Abandoned> {
-        let records = Records::of(entries, kept);
-        let records = records.out(&self.output_topic, &self.dead_letter_topic);
+        let records: Vec<Records<'_>> = units
+            .iter()
+            .map(|(entries, kept)| Records::of(entries, kept))
+            .collect();
+        let records: Vec<OutRecord<'_>> = records
+            .iter()
+            .flat_map(|r| r.out(&self.output_topic, &self.dead_letter_topic))
+            .collect();
         let mut backoff = Backoff::new(self.retry_max_backoff);
         loop {
             let mut offsets = TopicPartitionList::new();
@@ -169,6 +176,8 @@ pub(crate) struct Job {
     pub(crate) kept: Vec<Kept>,
     /// The unit's messages and outcomes, reported once the unit is durable in both sinks.
     pub(crate) group: Vec<Evaluated>,
+    /// Its share of the stage's queue (released once it is published).
+    pub(crate) room: Option<OwnedSemaphorePermit>,
     pub(crate) rules: RulesIdentity,
     /// When the unit's evaluation started.
     pub(crate) started: Instant,
@@ -194,22 +203,33 @@ pub(crate) enum Done {
 
 /// The pipeline's handle on the Kafka stage.
 pub(crate) struct Stage {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
     done: mpsc::UnboundedReceiver<Done>,
+    /// Drafts the queue may hold (units handed over and not yet published): bounds memory.
+    room: Arc<Semaphore>,
+    max_drafts: u32,
     /// Jobs handed over whose `Done` has not been received.
     pending: usize,
 }
 
 impl Stage {
-    /// Starts the stage's task. `queue`: how many units may wait for it (besides the one it is
-    /// publishing); the pipeline blocks when they are that many, which bounds memory.
-    pub(crate) fn start(publisher: Publisher, queue: usize, stop: watch::Receiver<bool>) -> Stage {
-        let (jobs, rx) = mpsc::channel(queue.max(1));
+    /// Starts the stage's task. `max_drafts`: how many drafts the units handed over and not yet
+    /// published may hold (a unit larger than that still goes, alone); the pipeline waits for
+    /// room beyond it.
+    pub(crate) fn start(
+        publisher: Publisher,
+        max_drafts: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Stage {
+        let (jobs, rx) = mpsc::unbounded_channel();
         let (tx, done) = mpsc::unbounded_channel();
         tokio::spawn(run(publisher, rx, tx, stop));
+        let max_drafts = u32::try_from(max_drafts.max(1)).unwrap_or(u32::MAX);
         Stage {
             jobs,
             done,
+            room: Arc::new(Semaphore::new(max_drafts as usize)),
+            max_drafts,
             pending: 0,
         }
     }
@@ -219,8 +239,19 @@ impl Stage {
     }
 
     /// Hands a unit over (waiting while the queue is full).
-    pub(crate) async fn send(&mut self, job: Job) -> Result<(), Abandoned> {
-        self.jobs.send(job).await.map_err(|_| Abandoned)?;
+    pub(crate) async fn send(&mut self, mut job: Job) -> Result<(), Abandoned> {
+        let drafts: usize = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
+        let want = u32::try_from(drafts.max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.max_drafts);
+        let permit = self
+            .room
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| Abandoned)?;
+        job.room = Some(permit);
+        self.jobs.send(job).map_err(|_| Abandoned)?;
         self.pending += 1;
         Ok(())
     }
@@ -254,78 +285,99 @@ impl Stage {
     }
 }
 
+fn drafts_of(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Deliver { drafts, .. } => drafts.len(),
+        _ => 0,
+    }
+}
+
+/// Takes every job waiting, and groups them by partition (and the epoch they were written
+/// under), keeping each partition's units in order.
+fn grouped(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<Vec<Job>> = vec![vec![first]];
+    while let Ok(job) = jobs.try_recv() {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].key == job.key && g[0].epoch == job.epoch)
+        {
+            Some(g) => g.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
+}
+
 async fn run(
     publisher: Publisher,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
     done: mpsc::UnboundedSender<Done>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Partitions (with the epoch they were held by) whose Kafka transaction was fenced: their
     // later units are not published by this runner.
     let mut fenced: HashSet<((String, i32), i64)> = HashSet::new();
-    while let Some(job) = jobs.recv().await {
-        let Job {
-            key,
-            epoch,
-            producer,
-            last,
-            entries,
-            kept,
-            group,
-            rules,
-            started,
-            written,
-        } = job;
-        let id = (key, epoch);
-        let outcome = if fenced.contains(&id) {
-            Done::Fenced {
-                key: id.0,
-                epoch: id.1,
-            }
-        } else {
-            let (key, epoch) = (&id.0, id.1);
-            publisher
-                .events
-                .stage_time(stage::KAFKA_QUEUED, written.elapsed().as_micros() as u64);
-            let t = Instant::now();
-            match publisher
-                .publish(&producer, (&key.0, key.1), last, &entries, &kept, &mut stop)
-                .await
-            {
-                Ok(true) => {
+    while let Some(first) = jobs.recv().await {
+        for group in grouped(first, &mut jobs) {
+            let (key, epoch) = (group[0].key.clone(), group[0].epoch);
+            let last = group.last().expect("a group has a job").last;
+            let id = (key, epoch);
+            let published = if fenced.contains(&id) {
+                false
+            } else {
+                let events = &publisher.events;
+                for job in &group {
+                    events.stage_time(
+                        stage::KAFKA_QUEUED,
+                        job.written.elapsed().as_micros() as u64,
+                    );
+                }
+                let units: Vec<(&[OutboxEntry], &[Kept])> = group
+                    .iter()
+                    .map(|j| (j.entries.as_slice(), j.kept.as_slice()))
+                    .collect();
+                let t = Instant::now();
+                let key = &id.0;
+                match publisher
+                    .publish(&group[0].producer, (&key.0, key.1), last, &units, &mut stop)
+                    .await
+                {
+                    Ok(true) => {
+                        events.stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
+                        true
+                    }
+                    Ok(false) => {
+                        fenced.insert(id.clone());
+                        false
+                    }
+                    Err(Abandoned) => {
+                        let _ = done.send(Done::Abandoned);
+                        return;
+                    }
+                }
+            };
+            for job in group {
+                let outcome = if published {
                     let events = &publisher.events;
-                    events.stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
-                    report(events, &group, &rules);
-                    record_latency(events, &group);
-                    let drafts = group
-                        .iter()
-                        .map(|e| match &e.outcome {
-                            Outcome::Deliver { drafts, .. } => drafts.len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    events.batch_committed(group.len(), drafts, started.elapsed());
+                    report(events, &job.group, &job.rules);
+                    record_latency(events, &job.group);
+                    let drafts = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
+                    events.batch_committed(job.group.len(), drafts, job.started.elapsed());
                     Done::Published {
-                        key: key.clone(),
-                        epoch,
-                        last,
+                        key: job.key,
+                        epoch: job.epoch,
+                        last: job.last,
                     }
-                }
-                Ok(false) => {
-                    fenced.insert(id.clone());
+                } else {
                     Done::Fenced {
-                        key: id.0,
-                        epoch: id.1,
+                        key: job.key,
+                        epoch: job.epoch,
                     }
-                }
-                Err(Abandoned) => {
-                    let _ = done.send(Done::Abandoned);
+                };
+                if done.send(outcome).is_err() {
                     return;
                 }
             }
-        };
-        if done.send(outcome).is_err() {
-            return;
         }
     }
 }
