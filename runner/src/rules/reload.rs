@@ -142,13 +142,40 @@ impl Reloader {
                 if trigger == "file change" && !settled(&mut rx, settle, &mut shutdown).await {
                     return;
                 }
-                let this = self.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || this.reload_now(trigger)).await
-                {
-                    tracing::error!(error = %e, "Rules reload task failed.");
+                if self.clone().reload_in_background(trigger).await.is_none() {
+                    tracing::error!("Rules reload task failed.");
                 }
             }
         })
+    }
+
+    /// Reloads on a thread of its own, in the lowest scheduling class (SCHED_IDLE on Linux):
+    /// loading a component (reading, deserialising or compiling it, checking it, smoke-testing
+    /// it) costs tens of milliseconds of CPU, which must not be taken from the pipeline when
+    /// the cores are busy; the rules in service keep serving meanwhile, so a slower reload
+    /// costs nothing. None if the thread could not run or died.
+    async fn reload_in_background(self, trigger: &'static str) -> Option<Reloaded> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("rules-reload".into())
+            .spawn(move || {
+                use thread_priority::{
+                    set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+                    ThreadPriority, ThreadSchedulePolicy,
+                };
+                let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+                if let Err(e) =
+                    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+                {
+                    tracing::debug!(error = ?e, "Cannot lower the reload thread's priority; reloading at normal priority.");
+                }
+                let _ = tx.send(self.reload_now(trigger));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "Cannot start the rules reload thread.");
+            return None;
+        }
+        rx.await.ok()
     }
 
     /// Watches the file's directory; only writes, creations, renames and removals of the file
