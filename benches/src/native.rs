@@ -12,7 +12,9 @@ pub fn shape<S: AsRef<str>>(
     now: i64,
 ) -> Drafts {
     let ids = ClientIds::packed(clients);
-    let shaped = campaign_rules::rules::shape(native, ids.iter(), now);
+    // The guest gets its own copy of the ids (lowered into its memory): so does the native call.
+    let shaped =
+        campaign_rules::rules::shape(native, ids.bytes().to_vec(), ids.ends().to_vec(), now);
     let template = TemplateDrafts {
         campaign: campaign.clone(),
         trigger_datetime_created: now,

@@ -123,8 +123,7 @@ mod component {
                 c.adv_campaign_content = format!("[v2] {}", c.adv_campaign_content);
             }
             // Packing that breaks the contract panics: a trap, whose message reaches the log.
-            let clients = rules::unpack_str(&client_ids, &client_ends);
-            let shaped = rules::shape(&c, clients, now);
+            let shaped = rules::shape(&c, client_ids, client_ends, now);
             Drafts {
                 campaign: c.into(),
                 trigger_datetime_created: now,

@@ -260,16 +260,19 @@ fn ranges(len: usize, ends: &[u32]) -> impl ExactSizeIterator<Item = std::ops::R
 
 /// Shapes the output JSON of SPEC.md, exactly its fields in its order, once per client, as a
 /// template with one slot, the `client_id` value: the part before it and the part after it are
-/// the same for every client, so they are rendered once, and each client adds only its id as a
-/// JSON string.
+/// the same for every client, so they are rendered once, and each client adds only its id.
+///
+/// The clients come packed, as the host passes them (`client_ids`, `client_ends`). When no id
+/// needs a JSON escape (hyphenated UUIDs never do), the string's quotes go into the shared
+/// parts and the fills *are* the packed ids, handed back without a per-client step: the whole
+/// buffer is checked once, a word at a time. Otherwise each id is written as a JSON string.
 ///
 /// # Panics
-/// When the parts or the fills exceed 4 GiB (their end offsets are `u32`, as in the WIT).
-pub fn shape<'a, I>(c: &Campaign, clients: I, now: i64) -> Shaped
-where
-    I: IntoIterator<Item = &'a str>,
-    I::IntoIter: ExactSizeIterator,
-{
+/// When the packing breaks the contract (see [`unpack_str`]), or the parts exceed 4 GiB (their
+/// end offsets are `u32`, as in the WIT).
+pub fn shape(c: &Campaign, client_ids: Vec<u8>, client_ends: Vec<u32>, now: i64) -> Shaped {
+    check_packed_str(&client_ids, &client_ends);
+    let verbatim = !needs_escape(&client_ids);
     let mut shared = Vec::with_capacity(320 + c.adv_campaign_content.len());
     shared.extend_from_slice(b"{\"restaurant_id\":");
     push_json_str(&mut shared, &c.restaurant_id);
@@ -288,7 +291,10 @@ where
         )
         .as_bytes(),
     );
+    let quote: &[u8] = if verbatim { b"\"" } else { b"" };
+    shared.extend_from_slice(quote);
     let head_end = offset(shared.len());
+    shared.extend_from_slice(quote);
     shared.extend_from_slice(
         format!(
             ",\"datetime_created\":{},\"trigger_datetime_created\":{}}}",
@@ -297,20 +303,37 @@ where
         .as_bytes(),
     );
     let shared_ends = vec![head_end, offset(shared.len())];
-
-    let clients = clients.into_iter();
-    // Sized for ids as long as a hyphenated UUID (what the table holds); grows if they are not.
-    let mut fills = Vec::with_capacity(clients.len() * (36 + 2));
-    let mut fill_ends = Vec::with_capacity(clients.len());
-    for client in clients {
-        push_json_str(&mut fills, client);
-        fill_ends.push(offset(fills.len()));
-    }
+    let (fills, fill_ends) = if verbatim {
+        (client_ids, client_ends)
+    } else {
+        let mut fills = Vec::with_capacity(client_ids.len() + 2 * client_ends.len());
+        let mut fill_ends = Vec::with_capacity(client_ends.len());
+        for client in unpack_str(&client_ids, &client_ends) {
+            push_json_str(&mut fills, client);
+            fill_ends.push(offset(fills.len()));
+        }
+        (fills, fill_ends)
+    };
     Shaped {
         shared,
         shared_ends,
         fills,
         fill_ends,
+    }
+}
+
+/// Checks packed text the way [`unpack_str`] does, without splitting it: valid UTF-8, end
+/// offsets in order, on character boundaries, the last one at the buffer's end.
+///
+/// # Panics
+/// As [`unpack_str`].
+fn check_packed_str(bytes: &[u8], ends: &[u32]) {
+    let text = std::str::from_utf8(bytes).expect("packed client ids must be valid UTF-8");
+    for r in ranges(text.len(), ends) {
+        assert!(
+            text.is_char_boundary(r.end),
+            "packed client ids must be valid UTF-8 (an end offset splits a character)"
+        );
     }
 }
 
@@ -374,7 +397,7 @@ mod tests {
             adv_campaign_datetime_end: 3,
             datetime_created: 0,
         };
-        let out = shape(&c, ["x\"y", "plain"], 2);
+        let out = shape_all(&c, &["x\"y", "plain"], 2);
         assert_eq!(out.len(), 2);
         let drafts: Vec<Value> = out
             .iter()
@@ -399,7 +422,7 @@ mod tests {
             adv_campaign_datetime_end: 3,
             datetime_created: 0,
         };
-        let out = shape(&c, ["x\"y", "plain"], 2);
+        let out = shape_all(&c, &["x\"y", "plain"], 2);
         assert_eq!(out.slots(), 1);
         assert_eq!(out.fills, br#""x\"y""plain""#);
         assert_eq!(out.fill_ends, [6, 13]);
@@ -409,6 +432,77 @@ mod tests {
             parts[1],
             br#","datetime_created":0,"trigger_datetime_created":2}"#
         );
+    }
+
+    fn campaign() -> Campaign {
+        Campaign {
+            restaurant_id: "r".into(),
+            adv_campaign_id: "a".into(),
+            adv_campaign_content: "c".into(),
+            adv_campaign_owner: "o".into(),
+            adv_campaign_owner_contact: "e".into(),
+            adv_campaign_datetime_start: 1,
+            adv_campaign_datetime_end: 3,
+            datetime_created: 0,
+        }
+    }
+
+    /// `shape` for ids packed the way the host packs them.
+    fn shape_all(c: &Campaign, ids: &[&str], now: i64) -> Shaped {
+        let mut ends = Vec::new();
+        let mut bytes = Vec::new();
+        for id in ids {
+            bytes.extend_from_slice(id.as_bytes());
+            ends.push(bytes.len() as u32);
+        }
+        shape(c, bytes, ends, now)
+    }
+
+    #[test]
+    fn plain_ids_are_handed_back_as_the_fills() {
+        let ids = ["023e4567-e89b-12d3-a456-426614174000", "", "борщ"];
+        let out = shape_all(&campaign(), &ids, 2);
+        assert_eq!(out.fills, ids.concat().as_bytes());
+        assert_eq!(out.fill_ends, [36, 36, 44]);
+        let parts: Vec<&[u8]> = unpack(&out.shared, &out.shared_ends).collect();
+        assert!(parts[0].ends_with(br#","client_id":""#));
+        assert_eq!(
+            parts[1],
+            br#"","datetime_created":0,"trigger_datetime_created":2}"#
+        );
+        let drafts: Vec<Value> = out
+            .iter()
+            .map(|p| serde_json::from_slice(&p).unwrap())
+            .collect();
+        for (draft, id) in drafts.iter().zip(ids) {
+            assert_eq!(draft["client_id"], id);
+        }
+    }
+
+    #[test]
+    fn both_ways_render_the_same_drafts() {
+        // The same plain ids, alone (handed back as they are) and next to one that needs
+        // escaping (every id written as a JSON string): byte for byte the same drafts.
+        let plain = ["a1", "", "b2-\u{e9}"];
+        let verbatim: Vec<Vec<u8>> = shape_all(&campaign(), &plain, 2).iter().collect();
+        let mut mixed = plain.to_vec();
+        mixed.push("tab\t");
+        let escaped: Vec<Vec<u8>> = shape_all(&campaign(), &mixed, 2).iter().collect();
+        assert_eq!(verbatim, escaped[..plain.len()]);
+        let spec: Value = serde_json::from_slice(&escaped[3]).unwrap();
+        assert_eq!(spec["client_id"], "tab\t");
+    }
+
+    #[test]
+    #[should_panic(expected = "splits a character")]
+    fn shape_refuses_an_offset_inside_a_character() {
+        let _ = shape(&campaign(), "é".as_bytes().to_vec(), vec![1, 2], 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "backwards")]
+    fn shape_refuses_offsets_out_of_order() {
+        let _ = shape(&campaign(), b"abc".to_vec(), vec![2, 1, 3], 2);
     }
 
     #[test]
