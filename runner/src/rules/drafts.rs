@@ -251,8 +251,11 @@ pub enum BadEncoding {
 /// A draft read back from its stored form: the client id and the payload.
 pub type StoredDraft = (Vec<u8>, Vec<u8>);
 
-/// The format byte [`Drafts::encode`] starts with.
+/// The format byte [`Drafts::encode`] starts with: client ids, shared parts, fills.
 const ENCODING_FORMAT: u8 = 1;
+/// The same without the fills: the template has one slot and its fills are the client ids
+/// themselves (what the rules return when no id needs a JSON escape).
+const ENCODING_FILLS_ARE_IDS: u8 = 2;
 
 /// Appends a packed buffer: item count, byte length, the items' ends, the bytes (u32s
 /// little-endian).
@@ -329,30 +332,51 @@ impl Drafts {
     /// drafts' bytes when a campaign has many subscribers.
     pub fn encode(&self) -> Vec<u8> {
         let t = &self.template;
+        let fills_are_ids = t.shared_ends.len() == 2
+            && t.fill_ends == self.clients.ends()
+            && t.fills == self.clients.bytes();
+        let fills = if fills_are_ids {
+            0
+        } else {
+            t.fills.len() + 4 * t.fill_ends.len()
+        };
         let mut out = Vec::with_capacity(
             13 + self.clients.bytes().len()
                 + t.shared.len()
-                + t.fills.len()
-                + 4 * (self.clients.len() + t.shared_ends.len() + t.fill_ends.len()),
+                + fills
+                + 4 * (self.clients.len() + t.shared_ends.len()),
         );
-        out.push(ENCODING_FORMAT);
+        if fills_are_ids {
+            out.push(ENCODING_FILLS_ARE_IDS);
+        } else {
+            out.push(ENCODING_FORMAT);
+        }
         put_packed(&mut out, self.clients.bytes(), self.clients.ends());
         put_packed(&mut out, &t.shared, &t.shared_ends);
-        put_packed(&mut out, &t.fills, &t.fill_ends);
+        if !fills_are_ids {
+            put_packed(&mut out, &t.fills, &t.fill_ends);
+        }
         out
     }
 
     /// Renders what [`Drafts::encode`] stored: `(client id, draft)` pairs, in order.
     pub fn decode(mut b: &[u8]) -> Result<Vec<StoredDraft>, BadEncoding> {
-        match b.split_first() {
-            Some((&ENCODING_FORMAT, rest)) => b = rest,
+        let format = match b.split_first() {
+            Some((&f @ (ENCODING_FORMAT | ENCODING_FILLS_ARE_IDS), rest)) => {
+                b = rest;
+                f
+            }
             Some((&f, _)) => return Err(BadEncoding::Format(f)),
             None => return Err(BadEncoding::Truncated),
-        }
+        };
         let (ids, id_ends) = take_packed(&mut b)?;
         check_packed("client ids", ids.len(), &id_ends)?;
         let (shared, shared_ends) = take_packed(&mut b)?;
-        let (fills, fill_ends) = take_packed(&mut b)?;
+        let (fills, fill_ends) = if format == ENCODING_FILLS_ARE_IDS {
+            (ids.clone(), id_ends.clone())
+        } else {
+            take_packed(&mut b)?
+        };
         if !b.is_empty() {
             return Err(BadEncoding::Truncated);
         }
@@ -546,6 +570,30 @@ mod tests {
             .collect();
         assert_eq!(stored, want);
         assert_eq!(stored[2].1, br#"{"a":z,"b":z}"#);
+    }
+
+    #[test]
+    fn fills_that_are_the_client_ids_are_stored_once() {
+        let ids: ClientIds = ["alice", "", "bob"].into_iter().collect();
+        let t = template(br#"{"id":""}"#, &[7, 9], b"alicebob", &[5, 5, 8]);
+        let d = Drafts::new(ids.clone(), t, LIMIT).unwrap();
+        let e = d.encode();
+        assert_eq!(e[0], ENCODING_FILLS_ARE_IDS);
+        // Format byte, the ids (4 + 4 + 3 x 4 + 8), the shared parts (4 + 4 + 2 x 4 + 9).
+        assert_eq!(e.len(), 1 + 28 + 25);
+        let stored = Drafts::decode(&e).unwrap();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = d
+            .iter()
+            .map(|d| (d.client_id.as_bytes().to_vec(), d.payload.to_vec()))
+            .collect();
+        assert_eq!(stored, want);
+        assert_eq!(stored[2].1, br#"{"id":"bob"}"#);
+        // Fills that differ from the ids by one byte are stored as they are.
+        let t = template(br#"{"id":""}"#, &[7, 9], b"alicebox", &[5, 5, 8]);
+        let d = Drafts::new(ids, t, LIMIT).unwrap();
+        let e = d.encode();
+        assert_eq!(e[0], ENCODING_FORMAT);
+        assert_eq!(Drafts::decode(&e).unwrap()[2].1, br#"{"id":"box"}"#);
     }
 
     #[test]
