@@ -1,16 +1,19 @@
 //! The Kafka stage: units whose PostgreSQL transaction committed are published here (records +
-//! the input offset, in Kafka transactions), in the order they were handed over, while the
-//! pipeline evaluates and writes the next units to PostgreSQL. The two sinks then work at the
-//! same time instead of taking turns. Units of one partition that queued up while the stage was
-//! busy go out in one transaction (group commit): a transaction's fixed cost (several broker
-//! round trips) is paid once for all of them.
+//! the input offset, in Kafka transactions), while the pipeline evaluates and writes the next
+//! units to PostgreSQL. The two sinks then work at the same time instead of taking turns. Each
+//! partition is a lane of its own: its units go out in the order they were handed over, and
+//! those that queued up while its previous transaction was in flight go out in one transaction
+//! (group commit: a transaction's fixed cost, several broker round trips, is paid once for all
+//! of them). Different partitions' transactions are in flight at the same time: each partition
+//! has its own transactional producer, so a unit never waits behind another partition's.
 //!
 //! Why this keeps the delivery protocol: a unit reaches this stage only after its PostgreSQL
 //! transaction put it in the outbox, and a partition's Kafka transactions still commit in input
-//! order (one task, first in, first out). If this runner dies with units queued here, they are
-//! in the outbox past the committed offset, and whoever takes the partition over publishes them
-//! in one transaction (`Pipeline::recover`). The outbox of a unit is deleted only after its
-//! Kafka transaction committed (`Done::Published` sets `published_through`).
+//! order (one transaction in flight per partition, first in, first out). If this runner dies
+//! with units queued here, they are in the outbox past the committed offset, and whoever takes
+//! the partition over publishes them in one transaction (`Pipeline::recover`). The outbox of a
+//! unit is deleted only after its Kafka transaction committed (`Done::Published` sets
+//! `published_through`).
 
 use super::{Evaluated, Outcome};
 use crate::events::{stage, Events};
@@ -19,9 +22,10 @@ use crate::sink::feedback::{Kept, OutboxEntry, Target};
 use crate::sink::kafka::{headers, OutRecord, TxError, TxProducer};
 use crate::sink::{pause, Abandoned, Backoff};
 use crate::source::CampaignConsumer;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -292,94 +296,137 @@ fn drafts_of(outcome: &Outcome) -> usize {
     }
 }
 
-/// Takes every job waiting, and groups them by partition (and the epoch they were written
-/// under), keeping each partition's units in order.
-fn grouped(first: Job, jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Vec<Job>> {
-    let mut groups: Vec<Vec<Job>> = vec![vec![first]];
-    while let Ok(job) = jobs.try_recv() {
-        match groups
-            .iter_mut()
-            .find(|g| g[0].key == job.key && g[0].epoch == job.epoch)
-        {
-            Some(g) => g.push(job),
-            None => groups.push(vec![job]),
-        }
-    }
-    groups
+/// A partition and the fence epoch its units were written under: the stage's unit of order.
+type Lane = ((String, i32), i64);
+
+fn lane(job: &Job) -> Lane {
+    (job.key.clone(), job.epoch)
 }
 
+/// One Kafka transaction carrying a lane's queued units, in order; resolves to what became of
+/// it (`Err`: the runner is stopping hard).
+async fn flight(
+    publisher: Publisher,
+    lane: Lane,
+    group: Vec<Job>,
+    mut stop: watch::Receiver<bool>,
+) -> (Lane, Vec<Job>, Result<bool, Abandoned>) {
+    let events = &publisher.events;
+    for job in &group {
+        events.stage_time(
+            stage::KAFKA_QUEUED,
+            job.written.elapsed().as_micros() as u64,
+        );
+    }
+    let last = group.last().expect("a group has a job").last;
+    let units: Vec<(&[OutboxEntry], &[Kept])> = group
+        .iter()
+        .map(|j| (j.entries.as_slice(), j.kept.as_slice()))
+        .collect();
+    let t = Instant::now();
+    let key = &lane.0;
+    let result = publisher
+        .publish(&group[0].producer, (&key.0, key.1), last, &units, &mut stop)
+        .await;
+    if let Ok(true) = result {
+        events.stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
+    }
+    (lane, group, result)
+}
+
+/// The stage's task. Each partition is a lane: its units are published in order, one
+/// transaction at a time, and the units that queue up while its transaction is in flight go
+/// out together in the next one (group commit). Lanes do not wait for each other: each
+/// partition has its own transactional producer, so their transactions run at the same time,
+/// and a unit waits only behind its own partition's earlier units.
 async fn run(
     publisher: Publisher,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     done: mpsc::UnboundedSender<Done>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    // Partitions (with the epoch they were held by) whose Kafka transaction was fenced: their
-    // later units are not published by this runner.
-    let mut fenced: HashSet<((String, i32), i64)> = HashSet::new();
-    while let Some(first) = jobs.recv().await {
-        for group in grouped(first, &mut jobs) {
-            let (key, epoch) = (group[0].key.clone(), group[0].epoch);
-            let last = group.last().expect("a group has a job").last;
-            let id = (key, epoch);
-            let published = if fenced.contains(&id) {
-                false
-            } else {
-                let events = &publisher.events;
-                for job in &group {
-                    events.stage_time(
-                        stage::KAFKA_QUEUED,
-                        job.written.elapsed().as_micros() as u64,
-                    );
-                }
-                let units: Vec<(&[OutboxEntry], &[Kept])> = group
-                    .iter()
-                    .map(|j| (j.entries.as_slice(), j.kept.as_slice()))
-                    .collect();
-                let t = Instant::now();
-                let key = &id.0;
-                match publisher
-                    .publish(&group[0].producer, (&key.0, key.1), last, &units, &mut stop)
-                    .await
-                {
-                    Ok(true) => {
-                        events.stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
-                        true
-                    }
-                    Ok(false) => {
-                        fenced.insert(id.clone());
-                        false
-                    }
+    // Lanes whose Kafka transaction was fenced: their later units are not published by this
+    // runner.
+    let mut fenced: HashSet<Lane> = HashSet::new();
+    // Units handed over and not yet in a transaction, per lane, in order.
+    let mut waiting: HashMap<Lane, Vec<Job>> = HashMap::new();
+    // Lanes with a transaction in flight.
+    let mut busy: HashSet<Lane> = HashSet::new();
+    let mut flights = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            job = jobs.recv(), if open => match job {
+                Some(job) => waiting.entry(lane(&job)).or_default().push(job),
+                None => open = false,
+            },
+            Some((lane, group, result)) = flights.next(), if !flights.is_empty() => {
+                busy.remove(&lane);
+                let published: bool = match result {
+                    Ok(published) => published,
                     Err(Abandoned) => {
                         let _ = done.send(Done::Abandoned);
                         return;
                     }
-                }
-            };
-            for job in group {
-                let outcome = if published {
-                    let events = &publisher.events;
-                    report(events, &job.group, &job.rules);
-                    record_latency(events, &job.group);
-                    let drafts = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
-                    events.batch_committed(job.group.len(), drafts, job.started.elapsed());
-                    Done::Published {
-                        key: job.key,
-                        epoch: job.epoch,
-                        last: job.last,
-                    }
-                } else {
-                    Done::Fenced {
-                        key: job.key,
-                        epoch: job.epoch,
-                    }
                 };
-                if done.send(outcome).is_err() {
+                if !published {
+                    fenced.insert(lane);
+                }
+                if finish(&publisher.events, group, published, &done).is_err() {
                     return;
                 }
+            },
+            else => break,
+        }
+        // Every idle lane with units waiting starts its next transaction (a fenced lane's
+        // units are handed back at once).
+        let ready: Vec<Lane> = waiting
+            .keys()
+            .filter(|l| !busy.contains(*l))
+            .cloned()
+            .collect();
+        for lane in ready {
+            let group = waiting.remove(&lane).expect("a waiting lane");
+            if fenced.contains(&lane) {
+                if finish(&publisher.events, group, false, &done).is_err() {
+                    return;
+                }
+                continue;
             }
+            busy.insert(lane.clone());
+            flights.push(flight(publisher.clone(), lane, group, stop.clone()));
         }
     }
+}
+
+/// Reports what became of a group of units to the pipeline (and, when published, to the
+/// events: each message's outcome, latency and the unit's commit).
+fn finish(
+    events: &Events,
+    group: Vec<Job>,
+    published: bool,
+    done: &mpsc::UnboundedSender<Done>,
+) -> Result<(), mpsc::error::SendError<Done>> {
+    for job in group {
+        let outcome = if published {
+            report(events, &job.group, &job.rules);
+            record_latency(events, &job.group);
+            let drafts = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
+            events.batch_committed(job.group.len(), drafts, job.started.elapsed());
+            Done::Published {
+                key: job.key,
+                epoch: job.epoch,
+                last: job.last,
+            }
+        } else {
+            Done::Fenced {
+                key: job.key,
+                epoch: job.epoch,
+            }
+        };
+        done.send(outcome)?;
+    }
+    Ok(())
 }
 
 /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
