@@ -416,8 +416,10 @@ async fn kill_dash_nine_loop_loses_and_doubles_nothing() -> Result<()> {
         .as_nanos() as u64;
     let mut rng = Lcg(seed);
     println!("crash loop: {loops} kills, seed {seed}");
-    for _ in 0..loops {
-        let mut child = world.spawn_runner();
+    for i in 0..loops {
+        // Every other runner writes two partitions' units to PostgreSQL at a time.
+        let parallel = if i % 2 == 1 { "2" } else { "1" };
+        let mut child = world.spawn_runner_with(&[("RUNNER__PIPELINE__PARALLEL_UNITS", parallel)]);
         tokio::time::sleep(Duration::from_millis(rng.next_ms(400, 3000))).await;
         child.kill()?; // SIGKILL
         child.wait()?;
