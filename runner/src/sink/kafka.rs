@@ -3,12 +3,17 @@
 //! `init_transactions` fences a zombie). Each transaction carries the drafts and dead letters of
 //! a run of that partition's messages and commits the consumer group's offset past them.
 
+use rdkafka::client::ClientContext;
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, TopicPartitionList};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// One record to produce, borrowing its bytes.
 #[derive(Debug, Clone)]
@@ -68,10 +73,64 @@ fn classify(e: KafkaError) -> TxError {
     }
 }
 
+/// The records of the producer's transaction not yet acknowledged, and the first failure among
+/// them: the delivery callback (on the producer's polling thread) keeps this up to date, so a
+/// record costs no allocation, channel or future of its own.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    outstanding: AtomicUsize,
+    failed: Mutex<Option<KafkaError>>,
+    /// Woken when `outstanding` reaches zero.
+    settled: Notify,
+}
+
+impl Deliveries {
+    fn sending(&self) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn done(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stores a permit if nobody waits yet: the next wait sees the count and returns.
+            self.settled.notify_one();
+        }
+    }
+
+    /// Waits until every record sent has been acknowledged or has failed.
+    async fn settled(&self) {
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            self.settled.notified().await;
+        }
+    }
+
+    fn take_failure(&self) -> Option<KafkaError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get_or_insert_with(|| e.clone());
+        }
+        self.done();
+    }
+}
+
 /// The transactional producer of one input partition.
 #[derive(Clone)]
 pub struct TxProducer {
-    producer: FutureProducer,
+    producer: ThreadedProducer<Deliveries>,
     timeout: Duration,
 }
 
@@ -91,7 +150,7 @@ impl TxProducer {
     ) -> Result<TxProducer, KafkaError> {
         let mut config = base.clone();
         config.set("transactional.id", transactional_id);
-        let producer: FutureProducer = config.create()?;
+        let producer = ThreadedProducer::from_config_and_context(&config, Deliveries::default())?;
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.init_transactions(timeout))
             .await
@@ -101,7 +160,9 @@ impl TxProducer {
 
     async fn blocking(
         &self,
-        f: impl FnOnce(&FutureProducer, Duration) -> Result<(), KafkaError> + Send + 'static,
+        f: impl FnOnce(&ThreadedProducer<Deliveries>, Duration) -> Result<(), KafkaError>
+            + Send
+            + 'static,
     ) -> Result<(), KafkaError> {
         let p = self.producer.clone();
         let t = self.timeout;
@@ -123,31 +184,35 @@ impl TxProducer {
         offsets: TopicPartitionList,
         group: ConsumerGroupMetadata,
     ) -> Result<(), TxError> {
+        let deliveries = self.producer.context();
+        // Records of an earlier, aborted transaction are reported (purged) before this one
+        // starts, so their failures are not taken for this one's.
+        deliveries.settled().await;
+        deliveries.take_failure();
         self.producer.begin_transaction().map_err(classify)?;
         let attempt = uuid::Uuid::new_v4().to_string();
-        let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             loop {
                 let headers = r.headers.clone().insert(Header {
                     key: crate::pipeline::header::TX_ATTEMPT,
                     value: Some(attempt.as_bytes()),
                 });
-                let mut rec = FutureRecord::<[u8], [u8]>::to(r.topic).headers(headers);
+                let mut rec = BaseRecord::<[u8], [u8]>::to(r.topic).headers(headers);
                 if let Some(k) = r.key {
                     rec = rec.key(k);
                 }
                 if let Some(p) = r.payload {
                     rec = rec.payload(p);
                 }
-                match self.producer.send_result(rec) {
-                    Ok(f) => {
-                        deliveries.push(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
+                deliveries.sending();
+                match self.producer.send(rec) {
+                    Ok(()) => break,
                     Err((e, _)) => {
+                        deliveries.done();
+                        if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = e {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            continue;
+                        }
                         self.abort().await;
                         return Err(classify(e));
                     }
@@ -158,19 +223,8 @@ impl TxProducer {
         // group to a transaction while its partitions are still being added makes the broker
         // answer CONCURRENT_TRANSACTIONS, and librdkafka retries only after retry.backoff.ms
         // (measured: a 9 ms transaction became 100 ms).
-        let mut failed = None;
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    failed.get_or_insert(e);
-                }
-                Err(_) => {
-                    failed.get_or_insert(KafkaError::Canceled);
-                }
-            }
-        }
-        if let Some(e) = failed {
+        deliveries.settled().await;
+        if let Some(e) = deliveries.take_failure() {
             self.abort().await;
             return Err(classify(e));
         }
