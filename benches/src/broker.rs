@@ -11,6 +11,10 @@ use runner::app::{self, RunOptions, Running};
 use runner::config::{Config, Sources};
 use std::process::Command;
 
+/// Partitions of the runner's input topic: the runner publishes each one's units on a
+/// transactional producer of its own.
+pub const INPUT_PARTITIONS: i32 = 4;
+
 pub enum Broker {
     Tansu { port: u16 },
     Mock(MockCluster<'static, DefaultProducerContext>),
@@ -68,7 +72,7 @@ impl Broker {
     ) -> Result<(Running, String)> {
         let id = uuid::Uuid::new_v4();
         let (input, output, dlq) = (format!("in-{id}"), format!("out-{id}"), format!("dlq-{id}"));
-        self.create_topic(&input, 4).await?;
+        self.create_topic(&input, INPUT_PARTITIONS).await?;
         self.create_topic(&output, 4).await?;
         self.create_topic(&dlq, 1).await?;
         let overlay = format!(

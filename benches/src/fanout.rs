@@ -7,7 +7,7 @@
 //!    through the runner, until both sinks committed; drafts/s and the ratio to the slower
 //!    ceiling of (1).
 
-use crate::broker::Broker;
+use crate::broker::{Broker, INPUT_PARTITIONS};
 use crate::report::Report;
 use anyhow::{Context, Result};
 use futures::pin_mut;
@@ -242,23 +242,74 @@ async fn pg_protocol(
     Ok(t.done(campaigns.len() * clients.len()))
 }
 
-/// Kafka produce alone: output-shaped records (key, JSON value and the runner's headers) from
-/// one producer with the runner's settings (idempotent, acks=all, its linger), as fast as the
-/// broker takes them (bounded only by the producer's queue): msgs/s.
+/// Kafka produce alone: output-shaped records (key, JSON value and the runner's headers) with
+/// the runner's producer settings (idempotent, acks=all), as fast as the broker takes them:
+/// msgs/s. As many producers at once as the runner has input partitions (it publishes each
+/// partition's units on that partition's producer, at the same time), each sending its share of
+/// the campaigns and flushing, with no future per record: the broker's ceiling, not one
+/// client's.
 async fn kafka_alone(
     brokers: &str,
     topic: &str,
     campaigns: &[String],
     clients: &[String],
+    producers: i32,
 ) -> Result<Phase> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
+    let producers = producers.max(1) as usize;
+    let clients = Arc::new(clients.to_vec());
     let t = Timer::start();
-    let mut pending = Vec::with_capacity(campaigns.len() * clients.len());
+    let handles: Vec<_> = (0..producers)
+        .map(|i| {
+            let share: Vec<String> = campaigns
+                .iter()
+                .skip(i)
+                .step_by(producers)
+                .cloned()
+                .collect();
+            let (brokers, topic, clients) =
+                (brokers.to_string(), topic.to_string(), clients.clone());
+            tokio::task::spawn_blocking(move || produce_share(&brokers, &topic, &share, &clients))
+        })
+        .collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok(t.done(campaigns.len() * clients.len()))
+}
+
+/// Counts records the broker did not take.
+#[derive(Default)]
+struct Failures(std::sync::atomic::AtomicUsize);
+
+impl rdkafka::ClientContext for Failures {}
+
+impl rdkafka::producer::ProducerContext for Failures {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// One producer's share of [`kafka_alone`].
+fn produce_share(
+    brokers: &str,
+    topic: &str,
+    campaigns: &[String],
+    clients: &[String],
+) -> Result<()> {
+    use rdkafka::config::FromClientConfigAndContext;
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let producer = ThreadedProducer::from_config_and_context(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5"),
+        Failures::default(),
+    )?;
     for camp in campaigns {
         let h = headers([
             ("source-topic", &b"campaigns"[..]),
@@ -272,26 +323,28 @@ async fn kafka_alone(
         ]);
         for client in clients {
             let p = payload(camp, client);
+            let mut record = BaseRecord::to(topic)
+                .key(client.as_bytes())
+                .payload(&p)
+                .headers(h.clone());
             loop {
-                match producer.send_result(
-                    FutureRecord::to(topic)
-                        .key(client.as_bytes())
-                        .payload(&p)
-                        .headers(h.clone()),
-                ) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                 }
             }
         }
     }
-    for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(t.done(campaigns.len() * clients.len()))
+    producer.flush(Duration::from_secs(120))?;
+    let failed = producer
+        .context()
+        .0
+        .load(std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} records were not delivered");
+    Ok(())
 }
 
 /// Runs the runner over `campaigns` x `per` drafts (after a warm-up campaign); drafts/s.
@@ -419,7 +472,14 @@ pub async fn run(
         let c = pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000, false).await?;
         let ci = pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000, true).await?;
         let p = pg_protocol(&url, &sink_campaigns, &sink_clients, 50_000).await?;
-        let k = kafka_alone(&broker.brokers(), &topic, &sink_campaigns, &sink_clients).await?;
+        let k = kafka_alone(
+            &broker.brokers(),
+            &topic,
+            &sink_campaigns,
+            &sink_clients,
+            INPUT_PARTITIONS,
+        )
+        .await?;
         let f = fanout(&broker, &url, rules, campaigns, per).await?;
         eprintln!(
             "bench fanout: run {run}/{runs}: COPY {:.0} rows/s, COPY with index {:.0} rows/s, protocol {:.0} rows/s, Kafka {:.0} msgs/s, fan-out {:.0} drafts/s; machine CPU per item: {:.1} / {:.1} / {:.1} / {:.1} / {:.1} µs",
