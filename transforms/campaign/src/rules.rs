@@ -412,17 +412,7 @@ mod tests {
 
     #[test]
     fn only_the_client_id_is_per_client() {
-        let c = Campaign {
-            restaurant_id: "r".into(),
-            adv_campaign_id: "a".into(),
-            adv_campaign_content: "c".into(),
-            adv_campaign_owner: "o".into(),
-            adv_campaign_owner_contact: "e".into(),
-            adv_campaign_datetime_start: 1,
-            adv_campaign_datetime_end: 3,
-            datetime_created: 0,
-        };
-        let out = shape_all(&c, &["x\"y", "plain"], 2);
+        let out = shape_all(&campaign(), &["x\"y", "plain"], 2);
         assert_eq!(out.slots(), 1);
         assert_eq!(out.fills, br#""x\"y""plain""#);
         assert_eq!(out.fill_ends, [6, 13]);
