@@ -18,13 +18,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The unit stages the runner times, in the order a message goes through them.
-const STAGE_ORDER: [&str; 7] = [
+const STAGE_ORDER: [&str; 10] = [
     stage::FETCH,
     stage::QUEUED,
     stage::EVALUATE,
     stage::POSTGRES,
     stage::KAFKA_QUEUED,
     stage::KAFKA,
+    stage::KAFKA_PRODUCE,
+    stage::KAFKA_OFFSETS,
+    stage::KAFKA_COMMIT,
     stage::OUTBOX_DELETE,
 ];
 

@@ -84,6 +84,11 @@ pub mod stage {
     /// Kafka stage to finish the units before it).
     pub const KAFKA_QUEUED: &str = "kafka_queued";
     pub const KAFKA: &str = "kafka";
+    /// The steps of a committed Kafka transaction: producing its records until acknowledged,
+    /// adding the group's offsets, committing.
+    pub const KAFKA_PRODUCE: &str = "kafka_produce";
+    pub const KAFKA_OFFSETS: &str = "kafka_offsets";
+    pub const KAFKA_COMMIT: &str = "kafka_commit";
     pub const OUTBOX_DELETE: &str = "outbox_delete";
 }
 

@@ -76,7 +76,14 @@ impl Publisher {
                 return Err(Abandoned);
             };
             match producer.publish(&records, offsets, group).await {
-                Ok(()) => {
+                Ok(steps) => {
+                    for (name, d) in [
+                        (stage::KAFKA_PRODUCE, steps.produce),
+                        (stage::KAFKA_OFFSETS, steps.offsets),
+                        (stage::KAFKA_COMMIT, steps.commit),
+                    ] {
+                        self.events.stage_time(name, d.as_micros() as u64);
+                    }
                     self.commit_plain(topic, partition, last + 1);
                     return Ok(true);
                 }

@@ -127,6 +127,17 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// How long each step of a committed transaction took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxSteps {
+    /// Beginning it, producing every record and waiting for their acknowledgements.
+    pub produce: Duration,
+    /// Adding the consumer group's offsets to it.
+    pub offsets: Duration,
+    /// Committing it.
+    pub commit: Duration,
+}
+
 /// The transactional producer of one input partition.
 #[derive(Clone)]
 pub struct TxProducer {
@@ -183,8 +194,9 @@ impl TxProducer {
         records: &[OutRecord<'_>],
         offsets: TopicPartitionList,
         group: ConsumerGroupMetadata,
-    ) -> Result<(), TxError> {
+    ) -> Result<TxSteps, TxError> {
         let deliveries = self.producer.context();
+        let start = std::time::Instant::now();
         // Records of an earlier, aborted transaction are reported (purged) before this one
         // starts, so their failures are not taken for this one's.
         deliveries.settled().await;
@@ -228,9 +240,11 @@ impl TxProducer {
             self.abort().await;
             return Err(classify(e));
         }
+        let produced = std::time::Instant::now();
         let sent = self
             .blocking(move |p, t| p.send_offsets_to_transaction(&offsets, &group, t))
             .await;
+        let offsets_added = std::time::Instant::now();
         let committed = match sent {
             Ok(()) => self.blocking(|p, t| p.commit_transaction(t)).await,
             Err(e) => Err(e),
@@ -242,7 +256,11 @@ impl TxProducer {
             }
             return Err(e);
         }
-        Ok(())
+        Ok(TxSteps {
+            produce: produced - start,
+            offsets: offsets_added - produced,
+            commit: offsets_added.elapsed(),
+        })
     }
 }
 
