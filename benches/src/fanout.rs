@@ -243,7 +243,7 @@ async fn pg_protocol(
 }
 
 /// Kafka produce alone: output-shaped records (key, JSON value and the runner's headers) with
-/// the runner's producer settings (idempotent, acks=all), as fast as the broker takes them:
+/// the runner's producer settings (idempotent, acks=all, its compression), as fast as the broker takes them:
 /// msgs/s. As many producers at once as the runner has input partitions (it publishes each
 /// partition's units on that partition's producer, at the same time), each sending its share of
 /// the campaigns and flushing, with no future per record: the broker's ceiling, not one
@@ -302,8 +302,12 @@ fn produce_share(
 ) -> Result<()> {
     use rdkafka::config::FromClientConfigAndContext;
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let mut config = ClientConfig::new();
+    for (k, v) in runner::config::PRODUCER_DEFAULTS {
+        config.set(*k, *v);
+    }
     let producer = ThreadedProducer::from_config_and_context(
-        ClientConfig::new()
+        config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -406,6 +410,7 @@ async fn fanout(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    eprintln!("bench fanout: fan-out of {campaigns} campaigns x {per} subscribers starts");
     let t = Timer::start();
     for i in 0..campaigns {
         let v = value(i);

@@ -374,6 +374,17 @@ impl RawConfig {
     }
 }
 
+/// The producer's defaults that shape what reaches the broker (the user's properties override
+/// them), shared with the benchmark's Kafka ceiling so that it measures the same records:
+/// - lz4: a campaign's drafts differ only in the client, so a batch of them shrinks several
+///   times, and the broker stores and copies that much less (measured on tansu: 16.2 µs of
+///   machine CPU per draft without, 13.0 µs with, fan-out 110 k → 133 k drafts/s);
+/// - Nagle off: requests go out at once, not when the previous segment is acknowledged.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("compression.type", "lz4"),
+    ("socket.nagle.disable", "true"),
+];
+
 impl KafkaConfig {
     /// Brokers as configured (bootstrap.servers).
     pub fn brokers(&self) -> &str {
@@ -385,6 +396,8 @@ impl KafkaConfig {
     pub fn consumer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("auto.offset.reset", "earliest");
+        // Requests go out at once, not when the previous segment is acknowledged.
+        c.set("socket.nagle.disable", "true");
         // A broker that does not answer a waiting fetch as soon as data arrives (tansu, seen
         // here) would hold every campaign up to this long; librdkafka's default is 500 ms. Costs
         // one empty fetch per broker every 5 ms while the input is idle.
@@ -404,6 +417,9 @@ impl KafkaConfig {
     /// Client config for the producer of drafts and dead letters.
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
+        for (k, v) in PRODUCER_DEFAULTS {
+            c.set(*k, *v);
+        }
         // A unit's records are all enqueued at once and then awaited: lingering would only
         // delay the last batch of every transaction.
         c.set("linger.ms", "0");
@@ -488,5 +504,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("enable.auto.offset.store"), "{e}");
+    }
+
+    #[test]
+    fn drafts_are_compressed_unless_the_user_says_otherwise() {
+        let c = load("").unwrap();
+        assert_eq!(
+            c.kafka.producer_config().get("compression.type"),
+            Some("lz4")
+        );
+        let c = load("[kafka.producer_properties]\n\"compression.type\" = \"zstd\"\n").unwrap();
+        assert_eq!(
+            c.kafka.producer_config().get("compression.type"),
+            Some("zstd")
+        );
     }
 }
