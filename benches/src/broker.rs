@@ -64,6 +64,8 @@ impl Broker {
 
     /// Creates fresh input/output/dead-letter topics and starts a runner on them in-process;
     /// `rules_extra` is more TOML for its `[rules]` section. Returns it and its input topic.
+    /// `BENCH_KAFKA_PROPERTIES`, TOML lines such as `"socket.nagle.disable" = "false"`, go to
+    /// the runner's `[kafka.properties]`: for comparing client settings back to back.
     pub async fn start_runner(
         &self,
         url: &str,
@@ -78,8 +80,9 @@ impl Broker {
         let overlay = format!(
             "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
              group_id = \"bench-{id}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-             [postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n{rules_extra}",
+             [kafka.properties]\n{}\n[postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n{rules_extra}",
             self.brokers(),
+            std::env::var("BENCH_KAFKA_PROPERTIES").unwrap_or_default(),
             rules.display()
         );
         let config = Config::load(&Sources {
