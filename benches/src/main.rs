@@ -81,6 +81,10 @@ enum Workload {
     },
 }
 
+/// The runner's allocator (runner/src/main.rs): the runner under test runs in this process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
