@@ -243,11 +243,11 @@ async fn pg_protocol(
 }
 
 /// Kafka produce alone: output-shaped records (key, JSON value and the runner's headers) with
-/// the runner's producer settings (idempotent, acks=all, its compression), as fast as the broker takes them:
-/// msgs/s. As many producers at once as the runner has input partitions (it publishes each
-/// partition's units on that partition's producer, at the same time), each sending its share of
-/// the campaigns and flushing, with no future per record: the broker's ceiling, not one
-/// client's.
+/// the runner's producer settings (idempotent, acks=all, its compression), as fast as the
+/// broker takes them: msgs/s. As many producers at once as the runner has input partitions (it
+/// publishes each partition's units on that partition's producer, at the same time), each
+/// sending its share of the campaigns and flushing, with no future per record: the broker's
+/// ceiling, not one client's.
 async fn kafka_alone(
     brokers: &str,
     topic: &str,
