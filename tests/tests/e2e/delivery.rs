@@ -6,8 +6,11 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::rules::{Campaign, ClientIds, Drafts, TemplateDrafts};
-use runner::sink::feedback::{FeedbackRow, FeedbackSink, Kept, OutboxEntry, Records, Target};
+use runner::delivery::{Evaluated, Kept, OutboxEntry, Outcome, Records, Target};
+use runner::events::SourcePos;
+use runner::pipelines::campaigns::contract::{Campaign, TemplateDrafts};
+use runner::pipelines::campaigns::drafts::{ClientIds, Drafts};
+use runner::pipelines::campaigns::CampaignDelivery;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +40,10 @@ async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Re
         .produce(&[(Some("a"), value.as_bytes()), (Some("b"), value.as_bytes())])
         .await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 2)
         .await
     );
@@ -47,6 +53,7 @@ async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Re
         .await?;
     assert!(
         wait_for(Duration::from_secs(5), || running
+            .campaigns()
             .cache
             .snapshot()
             .clients(R1)
@@ -56,11 +63,14 @@ async fn a_campaign_published_twice_reaches_each_subscriber_once() -> anyhow::Re
     );
     kafka.produce(&[(Some("c"), value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 3)
         .await
     );
-    running.stop().await?;
+    stop(running).await?;
     let mut clients: Vec<String> = kafka
         .drafts(3)
         .await?
@@ -92,8 +102,8 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
     // A runner that crashed right after its PostgreSQL transaction: rows and outbox committed,
     // the Kafka transaction never committed.
     let events = runner::events::Events::default();
-    let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let mut sink = FeedbackSink::new(db.url.clone());
+    let (_stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut sink = campaigns_pg(&db);
     let fence = sink
         .claim(
             &kafka.input,
@@ -101,28 +111,13 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
             "crashed-runner",
             &events,
             Duration::from_secs(1),
-            &mut stop,
+            &mut stop_rx,
         )
         .await?;
     let clients: Vec<String> = SPEC_SUBSCRIBERS
         .iter()
         .filter(|(_, r)| *r == R0)
         .map(|(c, _)| c.to_string())
-        .collect();
-    let rows: Vec<FeedbackRow<'_>> = clients
-        .iter()
-        .map(|c| FeedbackRow {
-            restaurant_id: R0,
-            adv_campaign_id: campaign_id,
-            adv_campaign_content: "from the crashed runner",
-            adv_campaign_owner: "o",
-            adv_campaign_owner_contact: "c",
-            adv_campaign_datetime_start: NOW - 10,
-            adv_campaign_datetime_end: NOW + 10,
-            datetime_created: NOW - 110,
-            client_id: c,
-            trigger_datetime_created: (NOW - 5) as i32,
-        })
         .collect();
     // The drafts as the rules hand them over (a template: one slot, filled with the client
     // id), so the takeover below renders them from the outbox's stored template.
@@ -157,19 +152,41 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
     )?;
     let entry = OutboxEntry {
         source_offset: 0,
-        target: Target::Drafts,
-        records: Records::Drafts(Arc::new(drafts)),
+        target: Target::Output,
+        records: Records::Template(drafts.records().clone()),
         headers: vec![("rules-version".into(), b"campaign-rules 3.0.0".to_vec())],
     };
+    // The unit: the message at offset 0 and the drafts the rules made of it.
+    let unit = [Evaluated {
+        msg: rdkafka::message::OwnedMessage::new(
+            Some(value.clone().into_bytes()),
+            None,
+            kafka.input.clone(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            None,
+        ),
+        pos: SourcePos {
+            topic: kafka.input.clone(),
+            partition: 0,
+            offset: 0,
+        },
+        outcome: Outcome::Deliver(CampaignDelivery {
+            drafts,
+            trigger: (NOW - 5) as i32,
+            snapshot: 1,
+        }),
+    }];
     let kept = sink
         .commit(
             &fence,
-            &rows,
+            &unit,
             &[entry],
             None,
             &events,
             Duration::from_secs(1),
-            &mut stop,
+            &mut stop_rx,
         )
         .await?;
     assert_eq!(
@@ -201,9 +218,9 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
     assert!(cleared, "the outbox was published and cleared");
     // Give the replayed message a chance to be (wrongly) processed again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(
-        stats.campaigns_delivered, 0,
+        stats.delivered, 0,
         "message 0 is done: not evaluated again: {stats:?}"
     );
     let drafts = kafka.drafts(9).await?;
@@ -242,22 +259,25 @@ async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()
     );
     kafka.produce(&[(None, first.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
     // Another runner claims the partition (as after a rebalance this one missed): this one is
     // now a zombie and must not write.
     let events = runner::events::Events::default();
-    let (_tx, mut stop) = tokio::sync::watch::channel(false);
-    FeedbackSink::new(db.url.clone())
+    let (_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    campaigns_pg(&db)
         .claim(
             &kafka.input,
             0,
             "usurper",
             &events,
             Duration::from_secs(1),
-            &mut stop,
+            &mut stop_rx,
         )
         .await?;
     let second = campaign(
@@ -269,14 +289,15 @@ async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()
     kafka.produce(&[(None, second.as_bytes())]).await?;
     assert!(
         wait_for(Duration::from_secs(20), || running
+            .campaigns()
             .stats()
             .partitions_fenced
             >= 1)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    running.stop().await?;
+    stop(running).await?;
     assert_eq!(
         db.count("SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id LIKE '%f2'")
             .await?,
