@@ -246,6 +246,167 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
     Ok(())
 }
 
+/// A packed buffer as the outbox stores it: count, byte length, each item's end (u32
+/// little-endian), the bytes.
+fn packed(items: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(items.iter().map(|i| i.len()).sum::<usize>() as u32).to_le_bytes());
+    let mut end = 0u32;
+    for i in items {
+        end += i.len() as u32;
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for i in items {
+        out.extend_from_slice(i.as_bytes());
+    }
+    out
+}
+
+/// Headers as the outbox stores them: count (u16), then per header key length (u16), key,
+/// value length (u32), value, big-endian.
+fn stored_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = (headers.len() as u16).to_be_bytes().to_vec();
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_in_the_stored_format_are_published_once_after_an_upgrade() -> anyhow::Result<()>
+{
+    // What a runner of the single-pipeline release left behind when it stopped between its
+    // PostgreSQL and Kafka transactions: the rows are written here byte by byte in the format
+    // it used (a campaign's drafts as their template, format 2: the fills are the client ids;
+    // a dead letter as its raw bytes), not by this runner's code.
+    let kafka = MockKafka::new(1)?;
+    let db = TestDb::with_spec_subscribers().await?;
+    let value = campaign(
+        R0,
+        "00000000-0000-4000-8000-0000000000b1",
+        NOW - 10,
+        NOW + 10,
+    );
+    let garbage: &[u8] = b"{\"restaurant_id\": ";
+    kafka
+        .produce(&[(None, value.as_bytes()), (Some("k"), garbage)])
+        .await?;
+    let mut template = vec![2u8];
+    template.extend(packed(&["client-a", "client-b"]));
+    template.extend(packed(&[r#"{"draft_for":""#, r#""}"#]));
+    let c = db.client().await?;
+    c.execute(
+        "INSERT INTO campaign_runner_fences (topic, partition, epoch, owner) VALUES ($1, 0, 3, 'previous-release')",
+        &[&kafka.input],
+    )
+    .await?;
+    let no_records: Vec<Option<Vec<u8>>> = Vec::new();
+    c.execute(
+        "INSERT INTO campaign_runner_outbox (topic, partition, source_offset, target, keys, payloads, drafts, headers) \
+         VALUES ($1, 0, 0, 'drafts', $2, $2, $3, $4)",
+        &[
+            &kafka.input,
+            &no_records,
+            &template,
+            &stored_headers(&[("source-offset", "0"), ("rules-version", "campaign-rules 3.1.0")]),
+        ],
+    )
+    .await?;
+    c.execute(
+        "INSERT INTO campaign_runner_outbox (topic, partition, source_offset, target, keys, payloads, drafts, headers) \
+         VALUES ($1, 0, 1, 'dead_letters', $2, $3, NULL, $4)",
+        &[
+            &kafka.input,
+            &vec![Some(b"k".to_vec())],
+            &vec![Some(garbage.to_vec())],
+            &stored_headers(&[("dlq-reason", "malformed_json"), ("source-offset", "1")]),
+        ],
+    )
+    .await?;
+
+    let running = start(config(&kafka, &db, ""), fixed()).await?;
+    let cleared = wait_for_async(Duration::from_secs(20), || {
+        let db = db.clone();
+        async move {
+            db.count("SELECT count(*) FROM campaign_runner_outbox")
+                .await
+                .unwrap_or(1)
+                == 0
+        }
+    })
+    .await;
+    // A marker after the two, on the same partition: once it is in PostgreSQL, the two before
+    // it were either skipped as done or evaluated again, and the counters say which.
+    let marker = campaign(
+        R1,
+        "00000000-0000-4000-8000-0000000000b2",
+        NOW - 10,
+        NOW + 10,
+    );
+    kafka.produce(&[(None, marker.as_bytes())]).await?;
+    let marked = wait_for_async(Duration::from_secs(20), || {
+        let db = db.clone();
+        async move {
+            db.count("SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id LIKE '%b2'")
+                .await
+                .unwrap_or(0)
+                == 1
+        }
+    })
+    .await;
+    assert!(marked, "the marker was delivered");
+    assert!(
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
+            >= 1)
+        .await
+    );
+    let stats = stop(running).await?;
+    assert!(cleared, "the outbox was published and cleared");
+    assert_eq!(
+        (stats.delivered, stats.dead_lettered.len()),
+        (1, 0),
+        "only the marker is evaluated: the two stored messages are done: {stats:?}"
+    );
+    let drafts: BTreeMap<String, String> = kafka
+        .drafts(3)
+        .await?
+        .iter()
+        .filter(|m| header(m, "source-offset") != Some("2"))
+        .map(|m| {
+            (
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        drafts,
+        BTreeMap::from([
+            ("client-a".into(), r#"{"draft_for":"client-a"}"#.into()),
+            ("client-b".into(), r#"{"draft_for":"client-b"}"#.into()),
+        ]),
+        "each stored draft published once, rendered from its template"
+    );
+    let dead = kafka.dead_letters(1).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(garbage));
+    assert_eq!(dead[0].key(), Some(&b"k"[..]));
+    assert_eq!(header(&dead[0], "dlq-reason"), Some("malformed_json"));
+    assert_eq!(
+        db.count("SELECT epoch FROM campaign_runner_fences").await?,
+        4,
+        "the new owner bumped the stored epoch"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_runner_writes_nothing_for_the_partition() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
