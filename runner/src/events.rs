@@ -305,57 +305,60 @@ impl Events {
         self.latency_snapshot().latency()
     }
 
-    /// The rules the pipeline starts with.
-    pub fn rules_loaded(&self, identity: &crate::sandbox::RulesIdentity) {
+    /// The rules the pipeline starts with (their version and the sha256 of their bytes).
+    pub fn rules_loaded(&self, version: &str, sha256: &str) {
         let mut r = self.rules.lock().expect("stats lock");
-        self.set_rules_info(&r, identity);
-        r.version = identity.version.clone();
-        r.sha256 = identity.sha256.clone();
+        self.set_rules(&mut r, version, sha256);
     }
 
-    fn set_rules_info(&self, old: &RulesStatus, new: &crate::sandbox::RulesIdentity) {
+    fn set_rules(&self, r: &mut RulesStatus, version: &str, sha256: &str) {
         let info = &self.metrics.rules_info;
-        let _ = info.remove_label_values(&[self.pipeline.as_str(), &old.version, &old.sha256]);
-        info.with_label_values(&[self.pipeline.as_str(), &new.version, &new.sha256])
+        let _ = info.remove_label_values(&[self.pipeline.as_str(), &r.version, &r.sha256]);
+        info.with_label_values(&[self.pipeline.as_str(), version, sha256])
             .set(1);
+        r.version = version.to_string();
+        r.sha256 = sha256.to_string();
     }
 
+    /// New rules are in service; `old` and `new` say which, for the log.
     pub fn rules_swapped(
         &self,
-        old: &crate::sandbox::RulesIdentity,
-        new: &crate::sandbox::RulesIdentity,
+        old: &dyn fmt::Display,
+        new: &dyn fmt::Display,
+        version: &str,
+        sha256: &str,
         trigger: &str,
     ) {
         tracing::info!(pipeline = %self.pipeline, old = %old, new = %new, trigger, "Rules swapped; the next batch uses the new version.");
         let mut r = self.rules.lock().expect("stats lock");
-        self.set_rules_info(&r, new);
-        r.version = new.version.clone();
-        r.sha256 = new.sha256.clone();
+        self.set_rules(&mut r, version, sha256);
         r.swaps += 1;
         r.last_refusal = None;
         self.rules_swaps.inc();
     }
 
+    /// A reload was refused for reason `code`; the running rules stay.
     pub fn rules_refused(
         &self,
         path: &std::path::Path,
-        error: &crate::sandbox::LoadError,
+        code: &'static str,
+        error: &dyn fmt::Display,
         trigger: &str,
     ) {
         tracing::error!(
             pipeline = %self.pipeline,
             path = %path.display(),
-            reason = error.code(),
+            reason = code,
             error = %error,
             trigger,
             "New rules refused; the running version stays in service."
         );
         let mut r = self.rules.lock().expect("stats lock");
-        *r.refused.entry(error.code()).or_default() += 1;
-        r.last_refusal = Some(format!("{}: {error}", error.code()));
+        *r.refused.entry(code).or_default() += 1;
+        r.last_refusal = Some(format!("{code}: {error}"));
         self.metrics
             .rules_refused
-            .with_label_values(&[self.pipeline.as_str(), error.code()])
+            .with_label_values(&[self.pipeline.as_str(), code])
             .inc();
     }
 

@@ -96,7 +96,7 @@ impl<C: Contract> Reloader<C> {
                     path: self.path.display().to_string(),
                     source,
                 };
-                self.events.rules_refused(&self.path, &e, trigger);
+                self.events.rules_refused(&self.path, e.code(), &e, trigger);
                 return Reloaded::Refused(e);
             }
         };
@@ -111,12 +111,13 @@ impl<C: Contract> Reloader<C> {
             Ok(next) => {
                 let new = next.identity().clone();
                 let old = self.handle.swap(next).identity().clone();
-                self.events.rules_swapped(&old, &new, trigger);
+                self.events
+                    .rules_swapped(&old, &new, &new.version, &new.sha256, trigger);
                 Reloaded::Swapped { old, new }
             }
             Err(e) => {
                 *self.last_refused.lock().expect("reload lock") = Some(sha);
-                self.events.rules_refused(&self.path, &e, trigger);
+                self.events.rules_refused(&self.path, e.code(), &e, trigger);
                 Reloaded::Refused(e)
             }
         }

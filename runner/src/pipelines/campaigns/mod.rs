@@ -270,7 +270,8 @@ pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, T
     tracing::info!(pipeline = NAME, rules = %loaded.identity(), path = %cfg.rules.path.display(), "Rules component loaded.");
     let rules = RulesHandle::new(loaded);
     let events = Arc::new(Events::new(&shared.metrics, NAME));
-    events.rules_loaded(rules.current().identity());
+    let identity = rules.current().identity().clone();
+    events.rules_loaded(&identity.version, &identity.sha256);
 
     let pg = crate::db::connect(shared.postgres.as_str())
         .await
