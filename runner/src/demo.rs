@@ -107,8 +107,11 @@ async fn demo_database(admin_url: &str, database: &str) -> Result<String> {
             .await?;
     }
     admin
+        .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+        .await?;
+    admin
         .batch_execute(&format!(
-            "CREATE DATABASE \"{database}\"; COMMENT ON DATABASE \"{database}\" IS '{DEMO_MARK}'"
+            "COMMENT ON DATABASE \"{database}\" IS '{DEMO_MARK}'"
         ))
         .await?;
     let mut cfg: tokio_postgres::Config = admin_url.parse()?;
