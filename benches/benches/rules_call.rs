@@ -8,7 +8,10 @@
 //! whole group runs in well under a minute.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use runner::rules::{Campaign, RulesEngine, RulesInstance, SandboxLimits};
+use runner::pipelines::campaigns::contract::{
+    Campaign, CampaignInstance as RulesInstance, RulesEngine,
+};
+use runner::sandbox::SandboxLimits;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +32,7 @@ fn component_path() -> PathBuf {
 fn wasm_instance() -> RulesInstance {
     let engine = RulesEngine::new(SandboxLimits {
         call_timeout: Duration::from_secs(5),
-        call_timeout_per_1000_subscribers: Duration::from_millis(100),
+        call_timeout_per_1000: Duration::from_millis(100),
         memory_limit_bytes: 256 << 20,
         compile_cache_dir: None,
         interruptible: true,

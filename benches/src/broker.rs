@@ -63,7 +63,7 @@ impl Broker {
     }
 
     /// Creates fresh input/output/dead-letter topics and starts a runner on them in-process;
-    /// `rules_extra` is more TOML for its `[rules]` section. Returns it and its input topic.
+    /// `rules_extra` is more TOML for its `[pipelines.campaigns.rules]` section. Returns it and its input topic.
     /// `BENCH_KAFKA_PROPERTIES`, TOML lines such as `"socket.nagle.disable" = "false"`, go to
     /// the runner's `[kafka.properties]`: for comparing client settings back to back.
     pub async fn start_runner(
@@ -78,9 +78,10 @@ impl Broker {
         self.create_topic(&output, 4).await?;
         self.create_topic(&dlq, 1).await?;
         let overlay = format!(
-            "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
-             group_id = \"bench-{id}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-             [kafka.properties]\n{}\n[postgres]\nurl = \"{url}\"\n[rules]\npath = \"{}\"\n{rules_extra}",
+            "[kafka]\nbrokers = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [kafka.properties]\n{}\n[postgres]\nurl = \"{url}\"\n\
+             [pipelines.campaigns]\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\ngroup_id = \"bench-{id}\"\n\
+             [pipelines.campaigns.rules]\npath = \"{}\"\n{rules_extra}",
             self.brokers(),
             std::env::var("BENCH_KAFKA_PROPERTIES").unwrap_or_default(),
             rules.display()

@@ -4,8 +4,8 @@
 
 use crate::report::{percentile, Report};
 use anyhow::{Context, Result};
-use runner::cache::SubscriberCache;
 use runner::events::Events;
+use runner::pipelines::campaigns::cache::SubscriberCache;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,8 @@ async fn prepare(admin_url: &str, subscriptions: u64, restaurants: u64) -> Resul
         eprintln!("bench cache: generating {subscriptions} subscriptions over {restaurants} restaurants (once; kept in database {DATABASE})");
         db.batch_execute("DROP TABLE IF EXISTS public.subscribers_restaurants CASCADE; DROP TABLE IF EXISTS public.subscribers_feedback")
             .await?;
-        db.batch_execute(runner::db::SCHEMA_SQL).await?;
+        db.batch_execute(runner::pipelines::campaigns::schema::SCHEMA_SQL)
+            .await?;
         let chunk = 1_000_000u64;
         let mut done = 0;
         while done < subscriptions {
@@ -86,7 +87,7 @@ async fn prepare(admin_url: &str, subscriptions: u64, restaurants: u64) -> Resul
         }
     }
     // Index and triggers as the runner installs them (the index builds in bulk here).
-    runner::db::ensure_schema(&db)
+    runner::pipelines::campaigns::ensure_schema(&db)
         .await
         .context("installing the runner's schema objects")?;
     db.batch_execute("VACUUM ANALYZE public.subscribers_restaurants")
@@ -165,15 +166,13 @@ pub async fn run(
         let t = Instant::now();
         db.batch_execute(&format!(
             "NOTIFY {}, '{{\"resync\":true}}'",
-            runner::cache::CHANNEL
+            runner::pipelines::campaigns::cache::CHANNEL
         ))
         .await?;
         let c2 = cache.clone();
-        let ev = events.clone();
+        let c3 = cache.clone();
         let (lat, _) = tokio::task::spawn_blocking(move || {
-            lookups(&c2, restaurants, usize::MAX, || {
-                ev.stats().cache_resyncs >= 2
-            })
+            lookups(&c2, restaurants, usize::MAX, || c3.resyncs() >= 2)
         })
         .await?;
         resync_s.push(t.elapsed().as_secs_f64());

@@ -13,10 +13,12 @@ use anyhow::{Context, Result};
 use futures::pin_mut;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use runner::events::Events;
-use runner::rules::{Campaign, Drafts};
-use runner::sink::feedback::{FeedbackRow, FeedbackSink, OutboxEntry, Records, Target};
-use runner::sink::kafka::headers;
+use runner::delivery::{Evaluated, OutboxEntry, Outcome, Records, Target};
+use runner::events::{Events, SourcePos};
+use runner::pipelines::campaigns::contract::Campaign;
+use runner::pipelines::campaigns::drafts::Drafts;
+use runner::pipelines::campaigns::feedback::COLUMN_TYPES;
+use runner::pipelines::campaigns::CampaignDelivery;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,8 +78,8 @@ impl Timer {
 }
 
 async fn fresh_db(admin_url: &str, name: &str) -> Result<String> {
-    let url = runner::demo::fresh_database(admin_url, name).await?;
-    runner::db::ensure_schema(&runner::db::connect(&url).await?).await?;
+    let url = e2e_tests::fresh_database(admin_url, name).await?;
+    runner::pipelines::campaigns::ensure_schema(&runner::db::connect(&url).await?).await?;
     Ok(url)
 }
 
@@ -115,7 +117,7 @@ async fn pg_copy_alone(
                  client_id, trigger_datetime_created) FROM STDIN (FORMAT binary)",
             )
             .await?;
-        let w = BinaryCopyInWriter::new(sink, &runner::sink::feedback::COLUMN_TYPES);
+        let w = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
         pin_mut!(w);
         for i in done..(done + chunk).min(total) {
             let (camp, client) = (&campaigns[i / clients.len()], &clients[i % clients.len()]);
@@ -140,7 +142,7 @@ async fn pg_copy_alone(
     let rate = t.done(total);
     // Put the protocol's index back for what follows.
     c.batch_execute("TRUNCATE subscribers_feedback").await?;
-    runner::db::ensure_schema(&c).await?;
+    runner::pipelines::campaigns::ensure_schema(&c).await?;
     Ok(rate)
 }
 
@@ -184,7 +186,7 @@ async fn pg_protocol(
         .await?;
     let events = Events::default();
     let (_tx, mut stop) = tokio::sync::watch::channel(false);
-    let mut sink = FeedbackSink::new(url.to_string());
+    let mut sink = e2e_tests::campaigns_pg_at(url);
     let fence = sink
         .claim(
             "bench",
@@ -195,40 +197,46 @@ async fn pg_protocol(
             &mut stop,
         )
         .await?;
-    let drafts: Vec<Arc<Drafts>> = campaigns
-        .iter()
-        .map(|c| Arc::new(drafts_for(c, clients)))
-        .collect();
+    let drafts: Vec<Drafts> = campaigns.iter().map(|c| drafts_for(c, clients)).collect();
     let per = per_commit.div_ceil(clients.len()).max(1);
     let t = Timer::start();
     for (n, group) in campaigns.chunks(per).enumerate() {
-        let mut rows = Vec::new();
+        let mut unit = Vec::new();
         let mut entries = Vec::new();
-        for (k, camp) in group.iter().enumerate() {
-            for client in clients {
-                rows.push(FeedbackRow {
-                    restaurant_id: "00000000-0000-4000-8000-000000000001",
-                    adv_campaign_id: camp,
-                    adv_campaign_content: "70% off the new dish until 14:00",
-                    adv_campaign_owner: "Ivanov Ivan Ivanovich",
-                    adv_campaign_owner_contact: "iiivanov@restaurant.ru",
-                    adv_campaign_datetime_start: NOW - 1000,
-                    adv_campaign_datetime_end: NOW + 9000,
-                    datetime_created: NOW - 2000,
-                    client_id: client,
-                    trigger_datetime_created: NOW as i32,
-                });
-            }
+        for k in 0..group.len() {
+            let offset = (n * per + k) as i64;
+            let d = &drafts[n * per + k];
             entries.push(OutboxEntry {
-                source_offset: (n * per + k) as i64,
-                target: Target::Drafts,
-                records: Records::Drafts(drafts[n * per + k].clone()),
+                source_offset: offset,
+                target: Target::Output,
+                records: Records::Template(d.records().clone()),
                 headers: vec![("rules-version".into(), b"campaign-rules 3.0.0".to_vec())],
+            });
+            unit.push(Evaluated {
+                msg: rdkafka::message::OwnedMessage::new(
+                    None,
+                    None,
+                    "bench".into(),
+                    rdkafka::Timestamp::NotAvailable,
+                    0,
+                    offset,
+                    None,
+                ),
+                pos: SourcePos {
+                    topic: "bench".into(),
+                    partition: 0,
+                    offset,
+                },
+                outcome: Outcome::Deliver(CampaignDelivery {
+                    drafts: d.clone(),
+                    trigger: NOW as i32,
+                    snapshot: 1,
+                }),
             });
         }
         sink.commit(
             &fence,
-            &rows,
+            &unit,
             &entries,
             None,
             &events,
@@ -315,7 +323,7 @@ fn produce_share(
         Failures::default(),
     )?;
     for camp in campaigns {
-        let h = headers([
+        let h = runner::headers::owned([
             ("source-topic", &b"campaigns"[..]),
             ("source-partition", b"0"),
             ("source-offset", b"123456"),
@@ -403,7 +411,7 @@ async fn fanout(
         .await
         .map_err(|(e, _)| e)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while running.stats().offsets_stored < 1 {
+    while running.campaigns().stats().offsets_stored < 1 {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the runner did not start consuming"
@@ -425,12 +433,12 @@ async fn fanout(
     }
     let want = campaigns as u64 + 1;
     let mut last = Instant::now();
-    while running.stats().offsets_stored < want {
+    while running.campaigns().stats().offsets_stored < want {
         if last.elapsed() > Duration::from_secs(5) {
-            let s = running.stats();
+            let s = running.campaigns().stats();
             eprintln!(
                 "bench fanout: {} / {want} campaigns, {} drafts",
-                s.offsets_stored, s.drafts_delivered
+                s.offsets_stored, s.records_delivered
             );
             last = Instant::now();
         }
@@ -442,7 +450,7 @@ async fn fanout(
     }
     let phase = t.done(campaigns * per);
     // Where a unit's time goes (a stage that is busy all the time is the bound).
-    for (name, q) in running.events.stages() {
+    for (name, q) in running.campaigns().events.stages() {
         eprintln!(
             "bench fanout: stage {name:<13} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  ({} units)",
             q.p50_ms, q.p99_ms, q.max_ms, q.samples

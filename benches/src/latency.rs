@@ -1,43 +1,29 @@
 //! Latency at a steady rate, and the same with the rules swapped under load.
 //! Campaigns at `rate`/s, each for a restaurant with `subscribers` subscribers; latency is what
 //! the runner records per message: from its Kafka timestamp (set when it was produced) to its
-//! results being committed in both sinks. The load runs for 2 x `secs` in slices that
+//! results being committed in both sinks (read back from the runner's latency histogram, to
+//! within its bucket). The load runs for 2 x `secs` in slices that
 //! alternate: quiet, then swapping (the rules file replaced v1 <-> v2 `swaps_per_slice` times),
 //! and so on. The p99 added by swapping is the swapping slices' p99 minus the quiet slices'.
 //! Interleaving matters: a broker that slows down over a run (tansu does) would otherwise be
 //! counted as swap cost, as it was when the swapping phase simply followed the quiet one.
 
 use crate::broker::Broker;
-use crate::report::{percentile, Report};
+use crate::report::Report;
 use anyhow::Result;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use runner::app::Running;
 use runner::events::stage;
+use runner::metrics::Quantiles;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The unit stages the runner times, in the order a message goes through them.
-const STAGE_ORDER: [&str; 10] = [
-    stage::FETCH,
-    stage::QUEUED,
-    stage::EVALUATE,
-    stage::POSTGRES,
-    stage::KAFKA_QUEUED,
-    stage::KAFKA,
-    stage::KAFKA_PRODUCE,
-    stage::KAFKA_OFFSETS,
-    stage::KAFKA_COMMIT,
-    stage::OUTBOX_DELETE,
-];
-
-fn ms(us: Vec<u64>) -> Vec<f64> {
-    us.into_iter().map(|us| us as f64 / 1000.0).collect()
-}
+const STAGE_ORDER: [&str; 10] = stage::ALL;
 
 /// Produces campaigns at `rate`/s for `secs`, calling `during` after each with the time since
-/// the start, and waits until the runner committed them all. Returns the latency samples not
-/// taken by `during`.
+/// the start, and waits until the runner committed them all.
 async fn steady_load(
     running: &Running,
     brokers: &str,
@@ -46,13 +32,12 @@ async fn steady_load(
     rate: u64,
     secs: u64,
     mut during: impl FnMut(Duration),
-) -> Result<Vec<f64>> {
-    running.events.clear_latencies();
+) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "0")
         .create()?;
-    let base = running.stats().offsets_stored;
+    let base = running.campaigns().stats().offsets_stored;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
@@ -91,11 +76,11 @@ async fn steady_load(
     }
     let want = base + total;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while running.stats().offsets_stored < want {
+    while running.campaigns().stats().offsets_stored < want {
         anyhow::ensure!(Instant::now() < deadline, "the load was not drained");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(ms(running.events.take_latency_samples()))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -119,9 +104,9 @@ pub async fn run(
         // Each run on a fresh broker, database and runner: tansu keeps topics in memory and
         // was measured to slow down run after run on one process (fetch and Kafka stages).
         let broker = Broker::start()?;
-        let url = runner::demo::fresh_database(admin_url, "bench_latency").await?;
+        let url = e2e_tests::fresh_database(admin_url, "bench_latency").await?;
         let c = runner::db::connect(&url).await?;
-        runner::db::ensure_schema(&c).await?;
+        runner::pipelines::campaigns::ensure_schema(&c).await?;
         let restaurants = 100;
         c.batch_execute(&format!(
             "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
@@ -155,16 +140,18 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         label = broker.label().to_string();
-        running.events.clear_latencies();
-        let before = running.stats().rules.swaps;
+        let events = running.campaigns().events.clone();
+        let stages_before = events.stage_snapshots();
+        let mut last = events.latency_snapshot();
+        let before = running.campaigns().stats().rules.swaps;
         // Slice k covers [k * slice, (k + 1) * slice) of produce time; odd slices swap. A
         // sample is counted in the slice during which it was committed: with latencies of
         // ~10 ms against 5 s slices, little crosses over.
-        let (mut quiet, mut swapped) = (Vec::new(), Vec::new());
+        let (mut quiet, mut swapped) = (Quantiles::default(), Quantiles::default());
         let mut current = 0u32;
         let mut done_in_slice = 0u32;
         let mut flip = false;
-        let rest = steady_load(
+        steady_load(
             &running,
             &broker.brokers(),
             &input,
@@ -174,13 +161,15 @@ pub async fn run(
             |elapsed| {
                 let k = (elapsed.as_secs_f64() / slice.as_secs_f64()) as u32;
                 if k != current {
-                    let samples = ms(running.events.take_latency_samples());
+                    let now = events.latency_snapshot();
+                    let slice = now.since(&last);
+                    last = now;
                     if current.is_multiple_of(2) {
                         &mut quiet
                     } else {
                         &mut swapped
                     }
-                    .extend(samples);
+                    .add(&slice);
                     current = k;
                     done_in_slice = 0;
                 }
@@ -199,13 +188,18 @@ pub async fn run(
             },
         )
         .await?;
+        let rest = events.latency_snapshot().since(&last);
         if current.is_multiple_of(2) {
             &mut quiet
         } else {
             &mut swapped
         }
-        .extend(rest);
-        for (name, q) in running.events.stages() {
+        .add(&rest);
+        for (name, after) in events.stage_snapshots() {
+            let q = match stages_before.get(name) {
+                Some(b) => after.since(b).latency(),
+                None => after.latency(),
+            };
             eprintln!(
                 "bench latency: run {run}/{runs}: stage {name:<13} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  ({} samples)",
                 q.p50_ms, q.p99_ms, q.max_ms, q.samples
@@ -216,12 +210,13 @@ pub async fn run(
             s.0.push(q.p50_ms);
             s.1.push(q.p99_ms);
         }
-        let n_swaps = running.stats().rules.swaps - before;
-        let (a, b) = (percentile(&quiet, 99.0), percentile(&swapped, 99.0));
-        eprintln!("bench latency: run {run}/{runs}: p50 {:.1} ms, p99 {a:.1} ms, max {:.1} ms; with {n_swaps} swaps p99 {b:.1} ms", percentile(&quiet, 50.0), percentile(&quiet, 100.0));
-        p50.push(percentile(&quiet, 50.0));
+        let n_swaps = running.campaigns().stats().rules.swaps - before;
+        let (q, s) = (quiet.latency(), swapped.latency());
+        let (a, b) = (q.p99_ms, s.p99_ms);
+        eprintln!("bench latency: run {run}/{runs}: p50 {:.1} ms, p99 {a:.1} ms, max {:.1} ms; with {n_swaps} swaps p99 {b:.1} ms", q.p50_ms, q.max_ms);
+        p50.push(q.p50_ms);
         p99.push(a);
-        max.push(percentile(&quiet, 100.0));
+        max.push(q.max_ms);
         s99.push(b);
         delta.push(b - a);
         swaps.push(n_swaps as f64);

@@ -2,7 +2,8 @@
 //! clients before the call and the same checking and rendering of the drafts after it, so a
 //! native and a WASM figure differ only in where the rules themselves run.
 
-use runner::rules::{Campaign, ClientIds, Drafts, TemplateDrafts};
+use runner::pipelines::campaigns::contract::{Campaign, TemplateDrafts};
+use runner::pipelines::campaigns::drafts::{ClientIds, Drafts};
 
 /// `shape` natively: `native` is `campaign` as the rules crate types it.
 pub fn shape<S: AsRef<str>>(

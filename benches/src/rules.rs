@@ -4,7 +4,8 @@
 
 use crate::report::Report;
 use anyhow::Result;
-use runner::rules::{RulesEngine, SandboxLimits};
+use runner::pipelines::campaigns::contract::RulesEngine;
+use runner::sandbox::SandboxLimits;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ pub fn run(component: &Path, runs: usize) -> Result<Report> {
     let engine_with = |interruptible: bool| {
         RulesEngine::new(SandboxLimits {
             call_timeout: Duration::from_secs(5),
-            call_timeout_per_1000_subscribers: Duration::from_millis(100),
+            call_timeout_per_1000: Duration::from_millis(100),
             memory_limit_bytes: 256 << 20,
             compile_cache_dir: None,
             interruptible,

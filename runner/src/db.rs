@@ -1,14 +1,10 @@
-//! PostgreSQL plumbing shared by the subscriber cache and the feedback sink: connecting, and the
-//! schema step (create SPEC.md's tables when absent, check the columns of existing ones).
+//! PostgreSQL plumbing shared by every part that talks to the database: connecting, the error
+//! type that says whose fault a failure is, and the schema step's two tools (run a script under
+//! the runners' shared lock; check that an existing table has the columns the runner needs).
 
 use tokio_postgres::{Client, NoTls};
 
-/// SPEC.md's two tables, exactly (created when absent).
-pub const SCHEMA_SQL: &str = include_str!("../sql/schema.sql");
-const FEED_SQL: &str = include_str!("../sql/subscriptions_feed.sql");
-const DELIVERY_SQL: &str = include_str!("../sql/delivery.sql");
-const DUPLICATES_SQL: &str = include_str!("../sql/feedback_duplicates.sql");
-/// Serialises the schema step between runners starting together.
+/// Serialises the schema steps of runners starting together.
 const SCHEMA_LOCK: i64 = 0x6361_6d70_6169_676e;
 const COLUMNS_SQL: &str = include_str!("../sql/columns.sql");
 
@@ -51,6 +47,36 @@ impl DbError {
     }
 }
 
+/// A PostgreSQL connection string; its password is never printed.
+#[derive(Clone)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    pub fn new(url: String) -> Self {
+        PostgresUrl(url)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.parse::<tokio_postgres::Config>() {
+            Ok(c) => f
+                .debug_struct("PostgresUrl")
+                .field("hosts", &c.get_hosts())
+                .field("ports", &c.get_ports())
+                .field("user", &c.get_user())
+                .field("dbname", &c.get_dbname())
+                .field("password", &c.get_password().map(|_| "<redacted>"))
+                .finish(),
+            Err(_) => f.write_str("PostgresUrl(<unparsable>)"),
+        }
+    }
+}
+
 /// Connects and drives the connection on a background task.
 pub async fn connect(url: &str) -> Result<Client, DbError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
@@ -64,41 +90,11 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
     Ok(client)
 }
 
-/// A column the runner needs and the `information_schema` types it accepts for it.
-type Column = (&'static str, &'static [&'static str]);
-
-/// Creates the unique (adv_campaign_id, client_id) index the delivery protocol relies on, or
-/// says exactly why it cannot: existing duplicates, with the query that lists them.
-async fn ensure_idempotency_key(client: &Client) -> Result<(), DbError> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_indexes WHERE schemaname = 'public' AND indexname = 'subscribers_feedback_campaign_client_key'",
-            &[],
-        )
-        .await
-        .map_err(DbError::from_pg)?
-        .is_some();
-    if !exists {
-        let dups = client
-            .query(DUPLICATES_SQL, &[])
-            .await
-            .map_err(DbError::from_pg)?;
-        if let Some(first) = dups.first() {
-            return Err(DbError::Schema {
-                table: "subscribers_feedback",
-                detail: format!(
-                    "it holds duplicate (adv_campaign_id, client_id) pairs (e.g. {} / {}, {} copies), so the unique index \
-                     the delivery protocol needs cannot be created; remove the extra copies, then start again. \
-                     They are listed by:\n{DUPLICATES_SQL}",
-                    first.get::<_, String>(0),
-                    first.get::<_, String>(1),
-                    first.get::<_, i64>(2)
-                ),
-            });
-        }
-    }
+/// Runs a schema script in one transaction, holding the lock every runner's schema step
+/// takes, with notices (e.g. "already exists") silenced.
+pub async fn run_schema_script(client: &Client, script: &str) -> Result<(), DbError> {
     let script = format!(
-        "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n{DELIVERY_SQL}\nCOMMIT;"
+        "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n{script}\nCOMMIT;"
     );
     client
         .batch_execute(&script)
@@ -106,65 +102,36 @@ async fn ensure_idempotency_key(client: &Client) -> Result<(), DbError> {
         .map_err(DbError::from_pg)
 }
 
-/// The columns the runner reads or writes, per table.
-const NEEDED: &[(&str, &[Column])] = &[
-    (
-        "subscribers_restaurants",
-        &[
-            ("client_id", &["character varying", "text"]),
-            ("restaurant_id", &["character varying", "text"]),
-        ],
-    ),
-    (
-        "subscribers_feedback",
-        &[
-            ("restaurant_id", &["text", "character varying"]),
-            ("adv_campaign_id", &["text", "character varying"]),
-            ("adv_campaign_content", &["text", "character varying"]),
-            ("adv_campaign_owner", &["text", "character varying"]),
-            ("adv_campaign_owner_contact", &["text", "character varying"]),
-            ("adv_campaign_datetime_start", &["bigint"]),
-            ("adv_campaign_datetime_end", &["bigint"]),
-            ("datetime_created", &["bigint"]),
-            ("client_id", &["text", "character varying"]),
-            ("trigger_datetime_created", &["integer"]),
-        ],
-    ),
-];
+/// A column the runner needs and the `information_schema` types it accepts for it.
+pub type Column = (&'static str, &'static [&'static str]);
 
-/// Creates the tables when absent, never alters them, and checks that what exists fits.
-pub async fn ensure_schema(client: &Client) -> Result<(), DbError> {
-    let script = format!(
-        "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n\
-         {SCHEMA_SQL}\n{FEED_SQL}\nCOMMIT;"
-    );
-    client
-        .batch_execute(&script)
+/// Checks that `public.{table}` has each of `columns` with an accepted type.
+pub async fn check_columns(
+    client: &Client,
+    table: &'static str,
+    columns: &[Column],
+) -> Result<(), DbError> {
+    let rows = client
+        .query(COLUMNS_SQL, &[&table])
         .await
         .map_err(DbError::from_pg)?;
-    for (table, columns) in NEEDED {
-        let rows = client
-            .query(COLUMNS_SQL, &[table])
-            .await
-            .map_err(DbError::from_pg)?;
-        let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for (col, types) in *columns {
-            match have.iter().find(|(n, _)| n == col) {
-                None => {
-                    return Err(DbError::Schema {
-                        table,
-                        detail: format!("column {col} is missing"),
-                    });
-                }
-                Some((_, ty)) if !types.contains(&ty.as_str()) => {
-                    return Err(DbError::Schema {
-                        table,
-                        detail: format!("column {col} has type {ty}, expected one of {types:?}"),
-                    });
-                }
-                Some(_) => {}
+    let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for (col, types) in columns {
+        match have.iter().find(|(n, _)| n == col) {
+            None => {
+                return Err(DbError::Schema {
+                    table,
+                    detail: format!("column {col} is missing"),
+                });
             }
+            Some((_, ty)) if !types.contains(&ty.as_str()) => {
+                return Err(DbError::Schema {
+                    table,
+                    detail: format!("column {col} has type {ty}, expected one of {types:?}"),
+                });
+            }
+            Some(_) => {}
         }
     }
-    ensure_idempotency_key(client).await
+    Ok(())
 }

@@ -1,12 +1,14 @@
-//! `runner demo`: the whole pipeline on embedded defaults — librdkafka's in-process mock
-//! cluster (the real Kafka protocol over local sockets) and a throw-away database on the local
-//! PostgreSQL. Seeds SPEC.md's subscribers, produces SPEC.md's example campaign, an expired one
-//! and a malformed message, and prints what came out of every sink.
+//! `runner demo`: the campaign pipeline on embedded defaults — librdkafka's in-process mock
+//! cluster (the real Kafka protocol over local sockets) and a database of the demo's own on the
+//! local PostgreSQL. Seeds SPEC.md's subscribers, produces SPEC.md's example campaign, an
+//! expired one and a malformed message, and prints what came out of every sink. Also the small
+//! Kafka helpers the demo uses (produce, read a topic to its end, wait for a condition).
 
 use crate::app::{self, RunOptions};
 use crate::config::{Config, Sources};
 use crate::db;
 use crate::events::Stats;
+use crate::pipelines::campaigns::{self, SkipReason};
 use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -78,18 +80,39 @@ pub struct DemoOptions {
     pub database: String,
 }
 
-/// Drops and creates `database` through `admin_url`; returns the new database's URL.
-pub async fn fresh_database(admin_url: &str, database: &str) -> Result<String> {
+/// What the demo writes on the database it creates: it drops only a database that says so.
+const DEMO_MARK: &str = "created by runner demo";
+
+/// Creates the demo's database anew through `admin_url` (dropping the one an earlier demo
+/// made, never any other); returns its URL.
+async fn demo_database(admin_url: &str, database: &str) -> Result<String> {
     let admin = db::connect(admin_url)
         .await
         .context("connecting to PostgreSQL as admin")?;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-        ))
+    let existing = admin
+        .query_opt(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&database],
+        )
         .await?;
+    if let Some(row) = existing {
+        if row.get::<_, Option<String>>(0).as_deref() != Some(DEMO_MARK) {
+            bail!(
+                "database {database:?} exists and was not created by `runner demo`; it is left alone. \
+                 Choose another name with --database."
+            );
+        }
+        admin
+            .batch_execute(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"))
+            .await?;
+    }
     admin
         .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+        .await?;
+    admin
+        .batch_execute(&format!(
+            "COMMENT ON DATABASE \"{database}\" IS '{DEMO_MARK}'"
+        ))
         .await?;
     let mut cfg: tokio_postgres::Config = admin_url.parse()?;
     cfg.dbname(database);
@@ -97,7 +120,7 @@ pub async fn fresh_database(admin_url: &str, database: &str) -> Result<String> {
 }
 
 /// Renders a parsed connection config back into key=value form.
-fn config_to_url(cfg: &tokio_postgres::Config) -> String {
+pub fn config_to_url(cfg: &tokio_postgres::Config) -> String {
     let mut parts = Vec::new();
     if let Some(tokio_postgres::config::Host::Tcp(h)) = cfg.get_hosts().first() {
         parts.push(format!("host={h}"));
@@ -227,9 +250,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     cluster.create_topic(dlq, 1, 1)?;
     println!("== Kafka: librdkafka mock cluster at {brokers}; topics {input} (3 partitions), {output}, {dlq}");
 
-    let url = fresh_database(&opts.admin_url, &opts.database).await?;
+    let url = demo_database(&opts.admin_url, &opts.database).await?;
     let pg = db::connect(&url).await?;
-    db::ensure_schema(&pg).await?;
+    campaigns::ensure_schema(&pg).await?;
     for (client, restaurant) in SPEC_SUBSCRIBERS {
         pg.execute(
             "INSERT INTO public.subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
@@ -243,9 +266,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     );
 
     let overlay = format!(
-        "[kafka]\nbrokers = \"{brokers}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\n\
-         dead_letter_topic = \"{dlq}\"\ngroup_id = \"demo\"\n[postgres]\nurl = \"{url}\"\n\
-         [rules]\npath = \"{}\"\n",
+        "[kafka]\nbrokers = \"{brokers}\"\n[postgres]\nurl = \"{url}\"\n\
+         [pipelines.campaigns]\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\n\
+         dead_letter_topic = \"{dlq}\"\ngroup_id = \"demo\"\n\
+         [pipelines.campaigns.rules]\npath = \"{}\"\n",
         opts.rules.display()
     );
     let config = Config::load(&Sources {
@@ -254,7 +278,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         env: false,
     })?;
     let running = app::start(config, RunOptions::default()).await?;
-    let rules = running.rules.current().identity().to_string();
+    let rules = running.campaigns().rules.current().identity().to_string();
     println!("== Runner started with rules {rules}");
 
     let messages: [(Option<&str>, &[u8]); 3] = [
@@ -266,10 +290,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     println!("== Produced 3 messages: SPEC.md's example campaign, an expired campaign, a malformed value");
 
     let settled = wait_for(Duration::from_secs(60), || {
-        running.stats().offsets_stored >= 3
+        running.campaigns().stats().offsets_stored >= 3
     })
     .await;
-    let stats = running.stop().await?;
+    let stats = running.campaigns().stats();
+    running.stop().await?;
     if !settled {
         bail!("the runner did not settle the 3 messages in time: {stats:?}");
     }
@@ -332,7 +357,7 @@ fn check(stats: &Stats, drafts: usize, rows: usize, dead: usize) -> Result<()> {
     let ok = drafts == 8
         && rows == 8
         && dead == 1
-        && stats.skipped(crate::events::SkipReason::Expired) == 1
+        && stats.skipped(SkipReason::Expired) == 1
         && stats.dead_lettered("malformed_json") == 1;
     if !ok {
         bail!("the demo did not produce what it should: {drafts} drafts, {rows} rows, {dead} dead letters, {stats:?}");

@@ -1,10 +1,13 @@
-//! What the runner reports: each event is one method that both logs a sentence with structured
-//! fields and counts, so logs and counters cannot disagree. [`Stats`] is the counted view.
+//! What a pipeline reports: each event is one method that both logs a sentence with structured
+//! fields and counts (in the Prometheus registry, `metrics.rs`, labelled with the pipeline), so
+//! logs and counters cannot disagree. [`Stats`] is the counted view, for `/status` and tests.
 
+use crate::metrics::{Latency, Metrics, Quantiles};
+use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Where an input message came from.
@@ -21,57 +24,9 @@ impl fmt::Display for SourcePos {
     }
 }
 
-/// Why a valid message produced nothing (counted, logged, not dead-lettered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SkipReason {
-    /// The campaign starts later than now.
-    NotStarted,
-    /// The campaign ended.
-    Expired,
-    /// The restaurant has no subscribers.
-    NoSubscribers,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::NotStarted => "not_started",
-            SkipReason::Expired => "expired",
-            SkipReason::NoSubscribers => "no_subscribers",
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Events {
-    received: AtomicU64,
-    campaigns_delivered: AtomicU64,
-    drafts_delivered: AtomicU64,
-    offsets_stored: AtomicU64,
-    batches: AtomicU64,
-    sink_retries: AtomicU64,
-    cache_resyncs: AtomicU64,
-    partitions_fenced: AtomicU64,
-    skipped: Mutex<BTreeMap<&'static str, u64>>,
-    dead_lettered: Mutex<BTreeMap<String, u64>>,
-    pub(crate) cache_stale: AtomicBool,
-    kafka_failing: AtomicBool,
-    postgres_failing: AtomicBool,
-    pub(crate) kafka_unreachable: AtomicBool,
-    rules: Mutex<RulesStatus>,
-    /// Latest end-to-end latencies (µs): message timestamp to both sinks committed.
-    latencies: Mutex<std::collections::VecDeque<u64>>,
-    /// Latest durations (µs) of each stage a unit goes through, by stage name.
-    stages: Mutex<BTreeMap<&'static str, std::collections::VecDeque<u64>>>,
-}
-
-/// How many samples of each stage's duration are kept (the most recent).
-const STAGE_SAMPLES: usize = 10_000;
-
-/// The stages of a unit, in order, timed for /status and the benchmarks: `fetch` and `queued`
-/// from the message's Kafka timestamp (broker, fetch, batching, waiting for earlier units),
-/// then evaluation, the PostgreSQL transaction, the Kafka transaction, and the
+/// The stages of a unit, in order, timed for /status, /metrics and the benchmarks: `fetch`
+/// and `queued` from the message's Kafka timestamp (broker, fetch, batching, waiting for
+/// earlier units), then evaluation, the PostgreSQL transaction, the Kafka transaction, and the
 /// outbox cleanup.
 pub mod stage {
     /// From the message's Kafka timestamp to the consumer handing it to the pipeline.
@@ -90,18 +45,20 @@ pub mod stage {
     pub const KAFKA_OFFSETS: &str = "kafka_offsets";
     pub const KAFKA_COMMIT: &str = "kafka_commit";
     pub const OUTBOX_DELETE: &str = "outbox_delete";
-}
 
-/// How many latency samples are kept (the most recent).
-const LATENCY_SAMPLES: usize = 100_000;
-
-/// End-to-end latency quantiles over the kept samples, in milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Latency {
-    pub samples: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
+    /// Every stage, in order.
+    pub const ALL: [&str; 10] = [
+        FETCH,
+        QUEUED,
+        EVALUATE,
+        POSTGRES,
+        KAFKA_QUEUED,
+        KAFKA,
+        KAFKA_PRODUCE,
+        KAFKA_OFFSETS,
+        KAFKA_COMMIT,
+        OUTBOX_DELETE,
+    ];
 }
 
 /// The rules in service and the history of reloads.
@@ -118,216 +75,360 @@ pub struct RulesStatus {
     pub last_refusal: Option<String>,
 }
 
-/// A point-in-time copy of the counters.
+/// A point-in-time copy of one pipeline's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
+    pub pipeline: String,
     /// Input messages taken from the topic.
     pub received: u64,
-    /// Active campaigns whose drafts are in both sinks.
-    pub campaigns_delivered: u64,
-    /// Drafts in both sinks.
-    pub drafts_delivered: u64,
-    /// Input messages whose offset was stored after their results were durable.
+    /// Input messages whose output is in both sinks (the campaign pipeline: active campaigns).
+    pub delivered: u64,
+    /// Output records in both sinks (the campaign pipeline: drafts).
+    pub records_delivered: u64,
+    /// Input messages whose offset was committed after their results were durable.
     pub offsets_stored: u64,
     pub batches: u64,
     pub sink_retries: u64,
-    /// Full loads of the subscriber table (the first one included).
-    pub cache_resyncs: u64,
     /// Partitions given up because another runner claimed them (zombie fencing).
     pub partitions_fenced: u64,
     pub skipped: BTreeMap<&'static str, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
-    pub cache_stale: bool,
     /// A sink is failing and being retried (cleared by the next unit that commits).
     pub kafka_failing: bool,
     pub postgres_failing: bool,
     /// The broker did not answer the last metadata probe.
     pub kafka_unreachable: bool,
+    /// The pipeline's own reasons to be degraded that hold now (e.g. a stale cache).
+    pub conditions: Vec<&'static str>,
     pub rules: RulesStatus,
 }
 
 impl Stats {
     /// Every input message accounted for: delivered, skipped or dead-lettered.
     pub fn settled(&self) -> u64 {
-        self.campaigns_delivered
+        self.delivered
             + self.skipped.values().sum::<u64>()
             + self.dead_lettered.values().sum::<u64>()
     }
 
-    pub fn skipped(&self, reason: SkipReason) -> u64 {
-        self.skipped.get(reason.as_str()).copied().unwrap_or(0)
+    pub fn skipped(&self, reason: impl AsRef<str>) -> u64 {
+        self.skipped.get(reason.as_ref()).copied().unwrap_or(0)
     }
 
     pub fn dead_lettered(&self, code: &str) -> u64 {
         self.dead_lettered.get(code).copied().unwrap_or(0)
     }
+
+    /// Why the pipeline is degraded now (empty: healthy).
+    pub fn degraded(&self) -> Vec<&'static str> {
+        let mut r = self.conditions.clone();
+        if self.kafka_failing {
+            r.push("kafka_sink_retrying");
+        }
+        if self.kafka_unreachable {
+            r.push("kafka_unreachable");
+        }
+        if self.postgres_failing {
+            r.push("postgres_sink_retrying");
+        }
+        r
+    }
+}
+
+/// One pipeline's events.
+#[derive(Debug)]
+pub struct Events {
+    pipeline: String,
+    metrics: Metrics,
+    received: IntCounter,
+    delivered: IntCounter,
+    records_delivered: IntCounter,
+    offsets_stored: IntCounter,
+    batches: IntCounter,
+    partitions_fenced: IntCounter,
+    rules_swaps: IntCounter,
+    latency: Histogram,
+    /// Skips and dead letters by reason (few reasons; a message each at most).
+    skipped: Mutex<BTreeMap<&'static str, u64>>,
+    dead_lettered: Mutex<BTreeMap<String, u64>>,
+    kafka_failing: AtomicBool,
+    postgres_failing: AtomicBool,
+    kafka_unreachable: AtomicBool,
+    /// The pipeline's own conditions and whether each holds.
+    conditions: Mutex<BTreeMap<&'static str, bool>>,
+    rules: Mutex<RulesStatus>,
+}
+
+impl Default for Events {
+    /// Events of a pipeline named "test" in a registry of their own.
+    fn default() -> Self {
+        Events::new(&Metrics::new(), "test")
+    }
 }
 
 impl Events {
+    pub fn new(metrics: &Metrics, pipeline: &str) -> Events {
+        let p = [pipeline];
+        let m = metrics;
+        Events {
+            pipeline: pipeline.to_string(),
+            received: m.received.with_label_values(&p),
+            delivered: m.delivered.with_label_values(&p),
+            records_delivered: m.records_delivered.with_label_values(&p),
+            offsets_stored: m.offsets_stored.with_label_values(&p),
+            batches: m.batches.with_label_values(&p),
+            partitions_fenced: m.partitions_fenced.with_label_values(&p),
+            rules_swaps: m.rules_swaps.with_label_values(&p),
+            latency: m.latency.with_label_values(&p),
+            metrics: metrics.clone(),
+            skipped: Mutex::default(),
+            dead_lettered: Mutex::default(),
+            kafka_failing: AtomicBool::new(false),
+            postgres_failing: AtomicBool::new(false),
+            kafka_unreachable: AtomicBool::new(false),
+            conditions: Mutex::default(),
+            rules: Mutex::default(),
+        }
+    }
+
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// The registry these events count in (a pipeline may register metrics of its own there).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn stats(&self) -> Stats {
         Stats {
-            received: self.received.load(Ordering::Relaxed),
-            campaigns_delivered: self.campaigns_delivered.load(Ordering::Relaxed),
-            drafts_delivered: self.drafts_delivered.load(Ordering::Relaxed),
-            offsets_stored: self.offsets_stored.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
-            sink_retries: self.sink_retries.load(Ordering::Relaxed),
-            cache_resyncs: self.cache_resyncs.load(Ordering::Relaxed),
-            partitions_fenced: self.partitions_fenced.load(Ordering::Relaxed),
+            pipeline: self.pipeline.clone(),
+            received: self.received.get(),
+            delivered: self.delivered.get(),
+            records_delivered: self.records_delivered.get(),
+            offsets_stored: self.offsets_stored.get(),
+            batches: self.batches.get(),
+            sink_retries: ["kafka", "postgres"]
+                .iter()
+                .map(|s| {
+                    self.metrics
+                        .sink_retries
+                        .with_label_values(&[self.pipeline.as_str(), s])
+                        .get()
+                })
+                .sum(),
+            partitions_fenced: self.partitions_fenced.get(),
             skipped: self.skipped.lock().expect("stats lock").clone(),
             dead_lettered: self.dead_lettered.lock().expect("stats lock").clone(),
-            cache_stale: self.cache_stale.load(Ordering::Relaxed),
             kafka_failing: self.kafka_failing.load(Ordering::Relaxed),
             postgres_failing: self.postgres_failing.load(Ordering::Relaxed),
             kafka_unreachable: self.kafka_unreachable.load(Ordering::Relaxed),
+            conditions: self
+                .conditions
+                .lock()
+                .expect("stats lock")
+                .iter()
+                .filter(|(_, on)| **on)
+                .map(|(c, _)| *c)
+                .collect(),
             rules: self.rules.lock().expect("stats lock").clone(),
         }
     }
 
+    /// A condition of the pipeline's own that makes it degraded while it holds (reported in
+    /// `/health` under its name).
+    pub fn condition(&self, name: &'static str, holds: bool) {
+        self.conditions
+            .lock()
+            .expect("stats lock")
+            .insert(name, holds);
+    }
+
     pub fn fenced(&self, topic: &str, partition: i32, sink: &'static str) {
-        tracing::warn!(topic, partition, sink, "Fenced: another runner owns the partition now; leaving it to that runner, writing nothing more for it.");
-        self.partitions_fenced.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pipeline = %self.pipeline, topic, partition, sink, "Fenced: another runner owns the partition now; leaving it to that runner, writing nothing more for it.");
+        self.partitions_fenced.inc();
+    }
+
+    /// Whether the broker answers the metadata probe; returns whether it changed.
+    pub fn kafka_reachable(&self, reachable: bool) -> bool {
+        let was = self.kafka_unreachable.swap(!reachable, Ordering::Relaxed);
+        self.metrics
+            .kafka_unreachable
+            .with_label_values(&[self.pipeline.as_str()])
+            .set(i64::from(!reachable));
+        was == reachable
     }
 
     /// A message's results are durable in both sinks, `us` after its Kafka timestamp.
     pub fn committed_latency(&self, us: u64) {
-        let mut l = self.latencies.lock().expect("latency lock");
-        if l.len() == LATENCY_SAMPLES {
-            l.pop_front();
-        }
-        l.push_back(us);
+        self.latency.observe(us as f64 / 1e6);
     }
 
-    /// The kept latency samples in µs, oldest first (for benchmarks).
-    pub fn latency_samples(&self) -> Vec<u64> {
-        self.latencies
-            .lock()
-            .expect("latency lock")
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    /// The latency samples recorded since the last call (or clear), removed.
-    pub fn take_latency_samples(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.latencies.lock().expect("latency lock")).into()
-    }
-
-    pub fn clear_latencies(&self) {
-        self.latencies.lock().expect("latency lock").clear();
-        self.stages.lock().expect("stage lock").clear();
+    /// The end-to-end latency histogram so far (take two and subtract for an interval).
+    pub fn latency_snapshot(&self) -> Quantiles {
+        Quantiles::of(&self.latency)
     }
 
     /// One run of stage `name` took `us` microseconds.
     pub fn stage_time(&self, name: &'static str, us: u64) {
-        let mut stages = self.stages.lock().expect("stage lock");
-        let l = stages.entry(name).or_default();
-        if l.len() == STAGE_SAMPLES {
-            l.pop_front();
-        }
-        l.push_back(us);
+        self.metrics
+            .stages
+            .with_label_values(&[self.pipeline.as_str(), name])
+            .observe(us as f64 / 1e6);
     }
 
-    /// Quantiles of each stage's kept durations.
-    pub fn stages(&self) -> BTreeMap<&'static str, Latency> {
-        let stages = self.stages.lock().expect("stage lock");
-        stages
+    /// Each stage's histogram so far, for the stages that ran.
+    pub fn stage_snapshots(&self) -> BTreeMap<&'static str, Quantiles> {
+        stage::ALL
             .iter()
-            .map(|(k, v)| (*k, quantiles(v.iter().copied().collect())))
+            .map(|s| {
+                let h = self
+                    .metrics
+                    .stages
+                    .with_label_values(&[self.pipeline.as_str(), s]);
+                (*s, Quantiles::of(&h))
+            })
+            .filter(|(_, q)| q.samples() > 0)
             .collect()
     }
 
-    /// Quantiles over the kept samples (computed on request: /status, benchmarks).
+    /// Quantiles of each stage's durations so far.
+    pub fn stages(&self) -> BTreeMap<&'static str, Latency> {
+        self.stage_snapshots()
+            .into_iter()
+            .map(|(s, q)| (s, q.latency()))
+            .collect()
+    }
+
+    /// End-to-end latency quantiles so far.
     pub fn latency(&self) -> Latency {
-        quantiles(self.latency_samples())
+        self.latency_snapshot().latency()
     }
 
-    pub fn cache_resynced(&self) {
-        self.cache_resyncs.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The rules the runner starts with.
-    pub fn rules_loaded(&self, identity: &crate::rules::RulesIdentity) {
+    /// The rules the pipeline starts with (their version and the sha256 of their bytes).
+    pub fn rules_loaded(&self, version: &str, sha256: &str) {
         let mut r = self.rules.lock().expect("stats lock");
-        r.version = identity.version.clone();
-        r.sha256 = identity.sha256.clone();
+        self.set_rules(&mut r, version, sha256);
     }
 
+    fn set_rules(&self, r: &mut RulesStatus, version: &str, sha256: &str) {
+        let info = &self.metrics.rules_info;
+        let _ = info.remove_label_values(&[self.pipeline.as_str(), &r.version, &r.sha256]);
+        info.with_label_values(&[self.pipeline.as_str(), version, sha256])
+            .set(1);
+        r.version = version.to_string();
+        r.sha256 = sha256.to_string();
+    }
+
+    /// New rules are in service; `old` and `new` say which, for the log.
     pub fn rules_swapped(
         &self,
-        old: &crate::rules::RulesIdentity,
-        new: &crate::rules::RulesIdentity,
+        old: &dyn fmt::Display,
+        new: &dyn fmt::Display,
+        version: &str,
+        sha256: &str,
         trigger: &str,
     ) {
-        tracing::info!(old = %old, new = %new, trigger, "Rules swapped; the next batch uses the new version.");
+        tracing::info!(pipeline = %self.pipeline, old = %old, new = %new, trigger, "Rules swapped; the next batch uses the new version.");
         let mut r = self.rules.lock().expect("stats lock");
-        r.version = new.version.clone();
-        r.sha256 = new.sha256.clone();
+        self.set_rules(&mut r, version, sha256);
         r.swaps += 1;
         r.last_refusal = None;
+        self.rules_swaps.inc();
     }
 
+    /// A reload was refused for reason `code`; the running rules stay.
     pub fn rules_refused(
         &self,
         path: &std::path::Path,
-        error: &crate::rules::LoadError,
+        code: &'static str,
+        error: &dyn fmt::Display,
         trigger: &str,
     ) {
         tracing::error!(
+            pipeline = %self.pipeline,
             path = %path.display(),
-            reason = error.code(),
+            reason = code,
             error = %error,
             trigger,
             "New rules refused; the running version stays in service."
         );
         let mut r = self.rules.lock().expect("stats lock");
-        *r.refused.entry(error.code()).or_default() += 1;
-        r.last_refusal = Some(format!("{}: {error}", error.code()));
+        *r.refused.entry(code).or_default() += 1;
+        r.last_refusal = Some(format!("{code}: {error}"));
+        self.metrics
+            .rules_refused
+            .with_label_values(&[self.pipeline.as_str(), code])
+            .inc();
     }
 
     pub fn received(&self, n: usize) {
-        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        self.received.inc_by(n as u64);
     }
 
-    pub fn skipped(&self, reason: SkipReason, pos: &SourcePos, campaign_id: &str) {
-        tracing::info!(reason = reason.as_str(), source = %pos, campaign_id, "Campaign skipped: it produces no drafts.");
+    pub fn skipped(&self, reason: &'static str, pos: &SourcePos, subject: &str) {
+        tracing::info!(pipeline = %self.pipeline, reason, source = %pos, subject, "Message skipped: it produces no output.");
         *self
             .skipped
             .lock()
             .expect("stats lock")
-            .entry(reason.as_str())
+            .entry(reason)
             .or_default() += 1;
+        self.metrics
+            .skipped
+            .with_label_values(&[self.pipeline.as_str(), reason])
+            .inc();
     }
 
     pub fn dead_lettered(&self, code: &str, detail: &str, pos: &SourcePos, rules: &str) {
-        tracing::warn!(reason = code, detail, source = %pos, rules, "Message dead-lettered.");
+        tracing::warn!(pipeline = %self.pipeline, reason = code, detail, source = %pos, rules, "Message dead-lettered.");
         *self
             .dead_lettered
             .lock()
             .expect("stats lock")
             .entry(code.to_string())
             .or_default() += 1;
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[self.pipeline.as_str(), code])
+            .inc();
     }
 
-    pub fn delivered(&self, pos: &SourcePos, campaign_id: &str, drafts: usize, rules: &str) {
-        tracing::debug!(source = %pos, campaign_id, drafts, rules, "Campaign delivered to both sinks.");
-        self.campaigns_delivered.fetch_add(1, Ordering::Relaxed);
-        self.drafts_delivered
-            .fetch_add(drafts as u64, Ordering::Relaxed);
+    /// A message's output (`records` records) is durable in both sinks.
+    pub fn delivered(&self, pos: &SourcePos, subject: &str, records: usize, rules: &str) {
+        tracing::debug!(pipeline = %self.pipeline, source = %pos, subject, records, rules, "Message delivered to both sinks.");
+        self.delivered.inc();
+        self.records_delivered.inc_by(records as u64);
     }
 
-    pub fn batch_committed(&self, messages: usize, drafts: usize, elapsed: std::time::Duration) {
-        self.kafka_failing.store(false, Ordering::Relaxed);
-        self.postgres_failing.store(false, Ordering::Relaxed);
+    pub fn batch_committed(&self, messages: usize, records: usize, elapsed: std::time::Duration) {
+        self.sink_recovered("kafka");
+        self.sink_recovered("postgres");
         tracing::debug!(
+            pipeline = %self.pipeline,
             messages,
-            drafts,
+            records,
             elapsed_ms = elapsed.as_millis() as u64,
-            "Batch durable in both sinks; offsets stored."
+            "Unit durable in both sinks; offsets committed."
         );
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.offsets_stored
-            .fetch_add(messages as u64, Ordering::Relaxed);
+        self.batches.inc();
+        self.offsets_stored.inc_by(messages as u64);
+    }
+
+    fn failing(&self, sink: &'static str) -> &AtomicBool {
+        match sink {
+            "kafka" => &self.kafka_failing,
+            _ => &self.postgres_failing,
+        }
+    }
+
+    fn sink_recovered(&self, sink: &'static str) {
+        if self.failing(sink).swap(false, Ordering::Relaxed) {
+            self.metrics
+                .sink_failing
+                .with_label_values(&[self.pipeline.as_str(), sink])
+                .set(0);
+        }
     }
 
     pub fn sink_retry(
@@ -337,55 +438,10 @@ impl Events {
         attempt: u32,
         backoff: std::time::Duration,
     ) {
-        match sink {
-            "kafka" => self.kafka_failing.store(true, Ordering::Relaxed),
-            _ => self.postgres_failing.store(true, Ordering::Relaxed),
-        }
-        tracing::warn!(sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
-        self.sink_retries.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// p50, p99 and max of samples in µs, reported in milliseconds.
-fn quantiles(mut v: Vec<u64>) -> Latency {
-    if v.is_empty() {
-        return Latency::default();
-    }
-    v.sort_unstable();
-    let q =
-        |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0;
-    Latency {
-        samples: v.len(),
-        p50_ms: q(0.50),
-        p99_ms: q(0.99),
-        max_ms: *v.last().expect("non-empty") as f64 / 1000.0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn latency_quantiles_over_the_kept_samples() {
-        let e = Events::default();
-        assert_eq!(e.latency(), Latency::default());
-        for us in 1..=1000u64 {
-            e.committed_latency(us * 1000);
-        }
-        let l = e.latency();
-        assert_eq!(
-            (l.samples, l.p50_ms, l.p99_ms, l.max_ms),
-            (1000, 500.0, 990.0, 1000.0)
-        );
-        for _ in 0..LATENCY_SAMPLES {
-            e.committed_latency(7);
-        }
-        assert_eq!(
-            e.latency().samples,
-            LATENCY_SAMPLES,
-            "bounded: the oldest samples go"
-        );
-        assert_eq!(e.latency().max_ms, 0.007);
+        self.failing(sink).store(true, Ordering::Relaxed);
+        let labels = [self.pipeline.as_str(), sink];
+        self.metrics.sink_failing.with_label_values(&labels).set(1);
+        tracing::warn!(pipeline = %self.pipeline, sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
+        self.metrics.sink_retries.with_label_values(&labels).inc();
     }
 }

@@ -1,16 +1,26 @@
-//! A WebAssembly-sandboxed stream transform runner. Campaigns arrive on Kafka; the runner joins
-//! each with the restaurant's subscribers held in memory (from PostgreSQL) and writes one
-//! notification draft per subscriber to Kafka and to PostgreSQL. The business rules —
-//! validation, the "active now" filter, the drafts' shape — live in a WASM component (`wit/`).
+//! A WebAssembly-sandboxed stream transform runner. One process hosts pipelines; each reads a
+//! Kafka topic, runs its business rules in a WASM component (`wit/`, `sandbox/`) and writes its
+//! results exactly once to Kafka and PostgreSQL (`delivery/`). The campaign pipeline
+//! (`pipelines/campaigns/`) joins each promo campaign with the restaurant's subscribers, held
+//! in memory from PostgreSQL, and writes one notification draft per subscriber.
+//!
+//! The core, shared by every pipeline: `sandbox` (rules hosting, limits, hot swap), `delivery`
+//! (units, outbox, fences, Kafka transactions, takeover), `source` (the consumer), `kafka` and
+//! `config` (settings), `events` and `metrics` (what is reported), `status` (HTTP), `retry`,
+//! `headers`, `db`, `clock`. Wiring: `app`; the `runner demo` command: `demo`.
 
 pub mod app;
-pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod demo;
 pub mod events;
-pub mod pipeline;
-pub mod rules;
-pub mod sink;
+pub mod headers;
+pub mod kafka;
+pub mod metrics;
+pub mod pipelines;
+pub mod retry;
+pub mod sandbox;
 pub mod source;
 pub mod status;

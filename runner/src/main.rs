@@ -10,14 +10,16 @@ use tracing_subscriber::EnvFilter;
 
 /// WebAssembly-sandboxed stream transform runner.
 ///
-/// Consumes promo campaigns from Kafka, joins each with the restaurant's subscribers (kept in
-/// memory from PostgreSQL), and writes one notification draft per subscriber to an output Kafka
-/// topic and to the PostgreSQL table subscribers_feedback. Validation, the "active now" filter
-/// and the drafts' shape are business rules in a WASM component (see wit/).
+/// Hosts pipelines that read Kafka, run their business rules in a WASM component (see wit/)
+/// and write their results exactly once to Kafka and PostgreSQL. The campaign pipeline consumes
+/// promo campaigns, joins each with the restaurant's subscribers (kept in memory from
+/// PostgreSQL), and writes one notification draft per subscriber to an output Kafka topic and
+/// to the PostgreSQL table subscribers_feedback.
 ///
 /// Configuration: built-in defaults (`runner config defaults` prints them, documented), then
 /// the file given with --config, then environment variables RUNNER__SECTION__KEY, for example
-/// RUNNER__KAFKA__BROKERS, RUNNER__POSTGRES__URL, RUNNER__KAFKA__SASL_PASSWORD.
+/// RUNNER__KAFKA__BROKERS, RUNNER__POSTGRES__URL, RUNNER__KAFKA__SASL_PASSWORD,
+/// RUNNER__PIPELINES__CAMPAIGNS__INPUT_TOPIC.
 #[derive(Debug, Parser)]
 #[command(name = "runner", version, verbatim_doc_comment)]
 struct Cli {
@@ -39,14 +41,14 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the pipeline until SIGINT or SIGTERM (then drain, commit and exit 0).
+    /// Run the enabled pipelines until SIGINT or SIGTERM (then drain, commit and exit 0).
     Run {
         /// Pipeline configuration (TOML). Without it: defaults plus environment overrides.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run the whole pipeline once on embedded defaults: librdkafka's in-process mock cluster
-    /// and a fresh database on the local PostgreSQL; print what reached every sink.
+    /// Run the campaign pipeline once on embedded defaults: librdkafka's in-process mock
+    /// cluster and a database of its own on the local PostgreSQL; print what reached every sink.
     Demo {
         /// The rules component to use.
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
@@ -58,7 +60,8 @@ enum Command {
             default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
         )]
         admin_url: String,
-        /// Name of the demo database (dropped and created anew).
+        /// Name of the demo database (created; dropped and created anew on the next run only
+        /// if the demo created it).
         #[arg(long, default_value = "campaign_demo")]
         database: String,
     },
@@ -87,8 +90,9 @@ enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 enum RulesCommand {
-    /// Load a component as the runner would (compile, link against the campaign-rules world,
-    /// smoke-test with SPEC.md's example); exit non-zero with the reason if it would be refused.
+    /// Load a campaign rules component as the runner would (compile, link against the
+    /// campaign-rules world, smoke-test with SPEC.md's example); exit non-zero with the reason
+    /// if it would be refused.
     Check {
         /// The component (.wasm).
         file: PathBuf,
@@ -136,12 +140,15 @@ async fn real_main(cli: Cli) -> Result<()> {
         Command::Run { config } => {
             let signal = shutdown_signal()?;
             let config = load_config(config.as_ref())?;
-            let stats = runner::app::run(config, signal).await?;
-            tracing::info!(
-                received = stats.received,
-                drafts = stats.drafts_delivered,
-                "Exiting."
-            );
+            for stats in runner::app::run(config, signal).await? {
+                tracing::info!(
+                    pipeline = stats.pipeline,
+                    received = stats.received,
+                    delivered = stats.delivered,
+                    records = stats.records_delivered,
+                    "Exiting."
+                );
+            }
             Ok(())
         }
         Command::Demo {
@@ -173,7 +180,11 @@ async fn real_main(cli: Cli) -> Result<()> {
             command: RulesCommand::Check { file },
         } => {
             let config = load_config(None)?;
-            let engine = runner::rules::RulesEngine::new((&config.rules).into())?;
+            let limits = config
+                .campaigns
+                .map(|c| c.rules.limits)
+                .context("the campaign pipeline is disabled; its limits are needed")?;
+            let engine = runner::pipelines::campaigns::contract::RulesEngine::new(limits)?;
             let loaded = engine
                 .load_file(&file)
                 .with_context(|| format!("{} would be refused", file.display()))?;

@@ -1,13 +1,16 @@
-//! The campaign source: a Kafka consumer in a consumer group. Offsets are never committed by
+//! A pipeline's source: a Kafka consumer in a consumer group. Offsets are never committed by
 //! the consumer: they are committed inside the Kafka transactions that publish a partition's
-//! results (see `pipeline.rs`). Rebalances are handed to the pipeline, which recovers a newly
-//! assigned partition before it processes any of its messages.
+//! results (`delivery/`). Rebalances are handed to the delivery loop, which takes a newly
+//! assigned partition over before it processes any of its messages.
 
+use crate::events::Events;
+use crate::retry::stopped;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
-use std::sync::Mutex;
-use tokio::sync::Notify;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
 
 /// A change of the partitions this consumer owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +47,7 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 /// Hands rebalances to the pipeline.
 #[derive(Debug, Default)]
 pub struct SourceContext {
-    pub rebalances: std::sync::Arc<Rebalances>,
+    pub rebalances: Arc<Rebalances>,
 }
 
 impl ClientContext for SourceContext {}
@@ -71,17 +74,63 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-pub type CampaignConsumer = StreamConsumer<SourceContext>;
+pub type SourceConsumer = StreamConsumer<SourceContext>;
 
 /// Creates the consumer and subscribes it to the input topic.
 pub fn subscribe(
     config: &ClientConfig,
     topic: &str,
-) -> KafkaResult<(CampaignConsumer, std::sync::Arc<Rebalances>)> {
-    let rebalances = std::sync::Arc::new(Rebalances::default());
-    let consumer: CampaignConsumer = config.create_with_context(SourceContext {
+) -> KafkaResult<(SourceConsumer, Arc<Rebalances>)> {
+    let rebalances = Arc::new(Rebalances::default());
+    let consumer: SourceConsumer = config.create_with_context(SourceContext {
         rebalances: rebalances.clone(),
     })?;
     consumer.subscribe(&[topic])?;
     Ok((consumer, rebalances))
+}
+
+/// Asks the broker for `topic`'s metadata every 2 s; an unanswered probe marks Kafka
+/// unreachable (health degraded) until one is answered again. A broker that is frozen or cut
+/// off is seen this way even when no write is in flight. `config` is the pipeline's consumer
+/// configuration; the probe never joins its group.
+pub async fn probe(
+    mut config: ClientConfig,
+    topic: String,
+    events: Arc<Events>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Some(group) = config.get("group.id").map(|g| format!("{g}-probe")) {
+        config.set("group.id", group);
+    }
+    let client: BaseConsumer = match config.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot create the Kafka probe; reachability is not reported.");
+            return;
+        }
+    };
+    let client = Arc::new(client);
+    loop {
+        let c = client.clone();
+        let t = topic.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if events.kafka_reachable(ok) {
+            if ok {
+                tracing::info!(pipeline = events.pipeline(), "Kafka answers again.");
+            } else {
+                tracing::warn!(
+                    pipeline = events.pipeline(),
+                    "Kafka does not answer metadata requests; health is degraded."
+                );
+            }
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }

@@ -127,3 +127,46 @@ fn help_documents_the_commands() {
         assert!(s.contains(word), "--help mentions {word}: {s}");
     }
 }
+
+#[test]
+fn demo_never_drops_a_database_it_did_not_create() {
+    let admin = std::env::var("TEST_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into());
+    let name = format!("not_a_demo_{}", std::process::id());
+    let psql = |sql: &str| {
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-tAc",
+                sql,
+            ])
+            .output()
+            .expect("psql runs")
+    };
+    assert!(psql(&format!("CREATE DATABASE {name}")).status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["demo", "--database", &name, "--admin-url", &admin])
+        .output()
+        .expect("the runner binary runs");
+    let kept = String::from_utf8_lossy(
+        &psql(&format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{name}'"
+        ))
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    psql(&format!("DROP DATABASE IF EXISTS {name}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was not created by `runner demo`"),
+        "{stderr}"
+    );
+    assert_eq!(kept, "1", "the database is still there");
+}

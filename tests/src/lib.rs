@@ -1,6 +1,6 @@
-//! Helpers for the end-to-end tests: service addresses from the environment with local
-//! defaults, a fresh database and fresh topics per test, and waiting for a condition with a
-//! deadline instead of sleeping.
+//! Helpers for the end-to-end tests (and the benchmarks): service addresses from the
+//! environment with local defaults, a fresh database and fresh topics per test, and waiting for
+//! a condition with a deadline instead of sleeping.
 
 use anyhow::{Context, Result};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -8,6 +8,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use runner::app::{self, RunOptions, Running};
 use runner::config::{Config, Sources};
+use runner::events::Stats;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +43,25 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Drops `database` if it exists and creates it anew through `admin_url`; returns its URL.
+/// Only for databases a test or benchmark names for itself.
+pub async fn fresh_database(admin_url: &str, database: &str) -> Result<String> {
+    let admin = runner::db::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL as admin")?;
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+        .await?;
+    let mut cfg: tokio_postgres::Config = admin_url.parse()?;
+    cfg.dbname(database);
+    Ok(runner::demo::config_to_url(&cfg))
+}
+
 /// A fresh database of its own for one test, with the runner's schema.
 #[derive(Debug, Clone)]
 pub struct TestDb {
@@ -52,7 +72,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> Result<TestDb> {
         let name = unique("t");
-        let url = runner::demo::fresh_database(&pg_admin_url(), &name).await?;
+        let url = fresh_database(&pg_admin_url(), &name).await?;
         Ok(TestDb { name, url })
     }
 
@@ -61,7 +81,7 @@ impl TestDb {
     }
 
     pub async fn with_schema(self) -> Result<TestDb> {
-        runner::db::ensure_schema(&self.client().await?).await?;
+        runner::pipelines::campaigns::ensure_schema(&self.client().await?).await?;
         Ok(self)
     }
 
@@ -97,6 +117,28 @@ impl TestDb {
     pub async fn count(&self, sql: &str) -> Result<i64> {
         Ok(self.client().await?.query_one(sql, &[]).await?.get(0))
     }
+}
+
+/// The campaign pipeline's PostgreSQL side of delivery on `db`, as another runner would have
+/// it (claims, unit transactions).
+pub fn campaigns_pg(
+    db: &TestDb,
+) -> runner::delivery::PgSide<runner::pipelines::campaigns::Campaigns> {
+    campaigns_pg_at(&db.url)
+}
+
+/// The same on the database at `url`.
+pub fn campaigns_pg_at(
+    url: &str,
+) -> runner::delivery::PgSide<runner::pipelines::campaigns::Campaigns> {
+    use runner::pipelines::campaigns::{self, cache};
+    let pipeline =
+        campaigns::Campaigns::new(cache::SubscriberCache::fixed(cache::Snapshot::default()));
+    runner::delivery::PgSide::new(
+        url.to_string(),
+        std::sync::Arc::new(campaigns::tables()),
+        std::sync::Arc::new(pipeline),
+    )
 }
 
 /// An in-process librdkafka mock cluster with this test's own topics.
@@ -155,8 +197,8 @@ impl MockKafka {
 /// The runner configuration for one test: its topics, its database, the built rules.
 pub fn config(kafka: &MockKafka, db: &TestDb, extra: &str) -> Config {
     let overlay = format!(
-        "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{}\"\noutput_topic = \"{}\"\ndead_letter_topic = \"{}\"\n\
-         group_id = \"{}\"\n[postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\n",
+        "[kafka]\nbrokers = \"{}\"\n[pipelines.campaigns]\ninput_topic = \"{}\"\noutput_topic = \"{}\"\ndead_letter_topic = \"{}\"\n\
+         group_id = \"{}\"\n[postgres]\nurl = \"{}\"\n[pipelines.campaigns.rules]\npath = \"{}\"\n",
         kafka.brokers,
         kafka.input,
         kafka.output,
@@ -165,7 +207,7 @@ pub fn config(kafka: &MockKafka, db: &TestDb, extra: &str) -> Config {
         db.url,
         rules_wasm().display()
     );
-    // `extra` is merged last, so a test can override any section.
+    // `extra` is merged last, so a test can override any setting.
     let overlay = merge_toml(&overlay, extra);
     Config::load(&Sources {
         file: None,
@@ -175,23 +217,34 @@ pub fn config(kafka: &MockKafka, db: &TestDb, extra: &str) -> Config {
     .expect("test config is valid")
 }
 
+/// Merges `extra` into `base`, table by table at any depth.
 fn merge_toml(base: &str, extra: &str) -> String {
-    let mut base: toml::Table = base.parse().expect("base overlay");
-    let extra: toml::Table = extra.parse().expect("extra overlay");
-    for (k, v) in extra {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
-            (_, v) => {
-                base.insert(k, v);
+    fn merge(base: &mut toml::Table, extra: toml::Table) {
+        for (k, v) in extra {
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
+                (_, v) => {
+                    base.insert(k, v);
+                }
             }
         }
     }
+    let mut base: toml::Table = base.parse().expect("base overlay");
+    merge(&mut base, extra.parse().expect("extra overlay"));
     base.to_string()
 }
 
 pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     init_logging();
     app::start(config, options).await
+}
+
+/// Stops a runner (an ordered drain) and returns the campaign pipeline's counters.
+pub async fn stop(running: Running) -> Result<Stats> {
+    let all = running.stop().await?;
+    all.into_iter()
+        .find(|s| s.pipeline == runner::pipelines::campaigns::NAME)
+        .context("the campaign pipeline ran")
 }
 
 /// Test logs, filtered by RUST_LOG (default: warnings), captured per test.
@@ -210,7 +263,7 @@ pub fn init_logging() {
 #[derive(Debug, Clone, Copy)]
 pub struct FixedClock(pub i64);
 
-impl runner::pipeline::Clock for FixedClock {
+impl runner::clock::Clock for FixedClock {
     fn now(&self) -> i64 {
         self.0
     }

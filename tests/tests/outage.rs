@@ -3,7 +3,7 @@
 
 use e2e_tests::*;
 use runner::app::RunOptions;
-use runner::cache::IdRef;
+use runner::pipelines::campaigns::cache::IdRef;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,7 +87,11 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     let guard = Restart;
     pg_ctl("stop");
     assert!(
-        wait_for(Duration::from_secs(20), || running.cache.is_stale()).await,
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .cache
+            .is_stale())
+        .await,
         "the cache knows it is stale"
     );
     let (code, body) = http_get(addr, "/health").await?;
@@ -95,7 +99,9 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     assert!(body.contains("subscriber_cache_stale"), "{body}");
     let metrics = http_get(addr, "/metrics").await?.1;
     assert!(
-        metrics.contains("runner_subscriber_cache_stale 1"),
+        metrics
+            .lines()
+            .any(|l| l == r#"runner_subscriber_cache_stale{pipeline="campaigns"} 1"#),
         "{metrics}"
     );
     // A campaign arriving meanwhile waits: it is not joined against a stale cache.
@@ -108,7 +114,7 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     kafka.produce(&[(None, value.as_bytes())]).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        running.stats().offsets_stored,
+        running.campaigns().stats().offsets_stored,
         0,
         "nothing settled while the database is down"
     );
@@ -117,18 +123,21 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     drop(guard);
     // The held campaign goes through once the cache is fresh again.
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
     assert!(
-        running.stats().cache_resyncs >= 2,
+        running.campaigns().cache.resyncs() >= 2,
         "a full resync: {:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    assert!(!running.cache.is_stale());
+    assert!(!running.campaigns().cache.is_stale());
     assert_eq!(http_get(addr, "/health").await?.0, 200);
 
     // And the cache follows the table again: a subscription added now reaches the next campaign.
@@ -137,6 +146,7 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     assert!(
         wait_for(Duration::from_secs(5), || {
             running
+                .campaigns()
                 .cache
                 .snapshot()
                 .clients(R1)
@@ -153,13 +163,16 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 2)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    running.stop().await?;
+    stop(running).await?;
     let mut drafts: Vec<(String, String)> = kafka
         .drafts(4)
         .await?
@@ -220,7 +233,10 @@ async fn postgres_down_for_30_s_loses_and_doubles_nothing() -> anyhow::Result<()
         kafka.produce(&[(None, value(i).as_bytes())]).await?;
     }
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 5)
         .await
     );
@@ -243,18 +259,18 @@ async fn postgres_down_for_30_s_loses_and_doubles_nothing() -> anyhow::Result<()
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
-    let during = running.stats().offsets_stored;
+    let during = running.campaigns().stats().offsets_stored;
     pg_ctl("start");
     drop(guard);
     let done = wait_for(Duration::from_secs(60), || {
-        running.stats().offsets_stored >= 25
+        running.campaigns().stats().offsets_stored >= 25
     })
     .await;
     let healthy = wait_for_async(Duration::from_secs(10), || async {
         matches!(http_get(addr, "/health").await, Ok((200, _)))
     })
     .await;
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     println!("PostgreSQL down 30 s: test process RSS {before} MiB before, {peak} MiB peak; degraded seen: {degraded}; settled during the outage: {}", during - 5);
     assert!(degraded, "/health was degraded while the database was down");
     assert_eq!(during, 5, "nothing settles without the database");

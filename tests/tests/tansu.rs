@@ -203,12 +203,14 @@ impl World {
         std::fs::write(
             &config,
             format!(
-                "[kafka]\nbrokers = \"{}\"\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
-                 group_id = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
-                 [postgres]\nurl = \"{}\"\n[rules]\npath = \"{}\"\ncompile_cache_dir = \"{}\"\n[pipeline]\nshutdown_timeout = \"20s\"\n[status]\nlisten = \"{status}\"\n",
+                "[kafka]\nbrokers = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+                 [postgres]\nurl = \"{}\"\n[status]\nlisten = \"{status}\"\n\
+                 [pipelines.campaigns]\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\n\
+                 group_id = \"{}\"\nshutdown_timeout = \"20s\"\n\
+                 [pipelines.campaigns.rules]\npath = \"{}\"\ncompile_cache_dir = \"{}\"\n",
                 tansu.brokers(),
-                unique("group"),
                 db.url,
+                unique("group"),
                 rules_wasm().display(),
                 dir.path().join("compiled").display()
             ),
@@ -419,7 +421,8 @@ async fn kill_dash_nine_loop_loses_and_doubles_nothing() -> Result<()> {
     for i in 0..loops {
         // Every other runner writes two partitions' units to PostgreSQL at a time.
         let parallel = if i % 2 == 1 { "2" } else { "1" };
-        let mut child = world.spawn_runner_with(&[("RUNNER__PIPELINE__PARALLEL_UNITS", parallel)]);
+        let mut child =
+            world.spawn_runner_with(&[("RUNNER__PIPELINES__CAMPAIGNS__PARALLEL_UNITS", parallel)]);
         tokio::time::sleep(Duration::from_millis(rng.next_ms(400, 3000))).await;
         child.kill()?; // SIGKILL
         child.wait()?;

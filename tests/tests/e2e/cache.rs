@@ -4,7 +4,7 @@
 
 use e2e_tests::*;
 use runner::app::RunOptions;
-use runner::cache::IdRef;
+use runner::pipelines::campaigns::cache::IdRef;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ const R1: &str = "123e4567-e89b-12d3-a456-426614174001";
 
 fn clients(running: &runner::app::Running, restaurant: &str) -> BTreeSet<String> {
     running
+        .campaigns()
         .cache
         .snapshot()
         .clients(restaurant)
@@ -132,7 +133,7 @@ async fn inserts_deletes_and_updates_reach_the_join_within_a_second() -> anyhow:
         "{delays:?}"
     );
     assert_eq!(
-        running.stats().cache_resyncs,
+        running.campaigns().cache.resyncs(),
         1,
         "followed by notifications, no reload"
     );
@@ -146,11 +147,14 @@ async fn inserts_deletes_and_updates_reach_the_join_within_a_second() -> anyhow:
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    running.stop().await?;
+    stop(running).await?;
     let got: BTreeSet<String> = kafka
         .drafts(3)
         .await?
@@ -178,7 +182,7 @@ async fn a_lost_connection_leads_to_a_full_resync() -> anyhow::Result<()> {
         },
     )
     .await?;
-    assert_eq!(running.stats().cache_resyncs, 1);
+    assert_eq!(running.campaigns().cache.resyncs(), 1);
     // Kill every connection of the runner to its database (the test's own admin one is elsewhere).
     let admin = runner::db::connect(&pg_admin_url()).await?;
     admin
@@ -190,12 +194,15 @@ async fn a_lost_connection_leads_to_a_full_resync() -> anyhow::Result<()> {
     db.subscribe_with(&db.client().await?, "after-the-cut", R1)
         .await?;
     assert!(
-        wait_for(Duration::from_secs(10), || running.stats().cache_resyncs
+        wait_for(Duration::from_secs(10), || running
+            .campaigns()
+            .cache
+            .resyncs()
             >= 2
-            && !running.cache.is_stale())
+            && !running.campaigns().cache.is_stale())
         .await,
         "resynchronised: {:?}",
-        running.stats()
+        running.campaigns().stats()
     );
     assert!(
         wait_for(Duration::from_secs(5), || clients(&running, R1)
@@ -213,13 +220,16 @@ async fn a_lost_connection_leads_to_a_full_resync() -> anyhow::Result<()> {
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    running.stop().await?;
+    stop(running).await?;
     assert_eq!(kafka.drafts(3).await?.len(), 2);
     assert_eq!(
         db.count("SELECT count(*) FROM subscribers_feedback")

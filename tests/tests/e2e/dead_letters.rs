@@ -4,7 +4,7 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::pipeline::header;
+use runner::pipelines::campaigns::header;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,11 @@ async fn each_invalid_input_class_is_dead_lettered_with_its_code() -> anyhow::Re
     let kafka = MockKafka::new(1)?;
     let db = TestDb::with_spec_subscribers().await?;
     let running = start(
-        config(&kafka, &db, "[pipeline]\nmax_message_bytes = 2048\n"),
+        config(
+            &kafka,
+            &db,
+            "[pipelines.campaigns]\nmax_message_bytes = 2048\n",
+        ),
         RunOptions {
             clock: Arc::new(FixedClock(SPEC_NOW)),
         },
@@ -71,19 +75,22 @@ async fn each_invalid_input_class_is_dead_lettered_with_its_code() -> anyhow::Re
 
     let n = messages.len() as u64;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= n)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    let rules = running.rules.current().identity().clone();
-    let stats = running.stop().await?;
+    let rules = running.campaigns().rules.current().identity().clone();
+    let stats = stop(running).await?;
     for (code, _) in &cases {
         assert_eq!(stats.dead_lettered(code), 1, "{code}: {stats:?}");
     }
     assert_eq!(
-        stats.campaigns_delivered, 1,
+        stats.delivered, 1,
         "the good message after the bad ones is delivered"
     );
     assert_eq!(stats.settled(), n, "every message accounted for");
@@ -153,11 +160,14 @@ async fn a_message_without_value_is_dead_lettered() -> anyhow::Result<()> {
         .await
         .map_err(|(e, _)| e)?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(stats.dead_lettered("missing_value"), 1, "{stats:?}");
     let dead = kafka.dead_letters(1).await?;
     assert_eq!(dead[0].key(), Some(&b"tomb"[..]));

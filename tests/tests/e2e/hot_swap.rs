@@ -5,7 +5,7 @@
 use e2e_tests::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use runner::app::RunOptions;
-use runner::pipeline::header;
+use runner::pipelines::campaigns::header;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
     let (v1, v2) = (rules_wasm(), fixture("campaign-rules-v2.wasm"));
     std::fs::copy(&v1, &live)?;
     let extra = format!(
-        "[rules]\npath = \"{}\"\nsettle = \"100ms\"\ncompile_cache_dir = \"{}\"\n",
+        "[pipelines.campaigns.rules]\npath = \"{}\"\nsettle = \"100ms\"\ncompile_cache_dir = \"{}\"\n",
         live.display(),
         dir.path().join("cache").display()
     );
@@ -78,7 +78,10 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
     });
     started_rx.await?;
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await,
         "the runner consumes"
@@ -91,14 +94,14 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
         replace_atomically(source, &live)?;
         let changed = Instant::now();
         let swapped = wait_for(Duration::from_secs(5), || {
-            running.rules.current().identity().sha256 == want
+            running.campaigns().rules.current().identity().sha256 == want
         })
         .await;
         assert!(
             swapped,
             "the swap to {} never happened: {:?}",
             source.display(),
-            running.stats().rules
+            running.campaigns().stats().rules
         );
         delays.push(changed.elapsed());
     }
@@ -106,13 +109,16 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
     let campaigns = stream.await??;
     let all = campaigns as u64;
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= all)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     println!("swap delays after the file change: {delays:?}");
     assert_eq!(stats.rules.swaps, 6, "{:?}", stats.rules);
     assert!(stats.rules.refused.is_empty(), "{:?}", stats.rules);

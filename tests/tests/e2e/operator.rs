@@ -49,13 +49,16 @@ async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
     );
 
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    running.stop().await?;
+    stop(running).await?;
 
     let out = kcat()
         .args([

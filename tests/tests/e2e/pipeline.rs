@@ -3,8 +3,8 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::events::SkipReason;
-use runner::pipeline::header;
+use runner::pipelines::campaigns::header;
+use runner::pipelines::campaigns::SkipReason;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,16 +28,19 @@ async fn spec_example_end_to_end() -> anyhow::Result<()> {
         .produce(&[(Some("first_message"), SPEC_CAMPAIGN.as_bytes())])
         .await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    let rules = running.rules.current().identity().clone();
-    let stats = running.stop().await?;
+    let rules = running.campaigns().rules.current().identity().clone();
+    let stats = stop(running).await?;
     assert_eq!(
-        (stats.campaigns_delivered, stats.drafts_delivered),
+        (stats.delivered, stats.records_delivered),
         (1, 8),
         "{stats:?}"
     );
@@ -131,11 +134,14 @@ async fn duplicate_subscription_gives_one_draft() -> anyhow::Result<()> {
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    running.stop().await?;
+    stop(running).await?;
     let drafts = kafka.drafts(2).await?;
     assert_eq!(drafts.len(), 1, "rows 8 and 9 are one subscription");
     assert_eq!(
@@ -163,13 +169,16 @@ async fn restaurant_without_subscribers_produces_nothing_and_advances() -> anyho
     );
     kafka.produce(&[(None, lonely.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(stats.skipped(SkipReason::NoSubscribers), 1, "{stats:?}");
-    assert_eq!(stats.drafts_delivered, 0);
+    assert_eq!(stats.records_delivered, 0);
     assert!(kafka.drafts(1).await?.is_empty());
     assert!(kafka.dead_letters(1).await?.is_empty(), "not a dead letter");
     assert_eq!(
@@ -197,14 +206,17 @@ async fn expired_and_not_started_campaigns_are_skipped_with_reasons() -> anyhow:
         ])
         .await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 3)
         .await
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(stats.skipped(SkipReason::Expired), 1, "{stats:?}");
     assert_eq!(stats.skipped(SkipReason::NotStarted), 1, "{stats:?}");
-    assert_eq!(stats.campaigns_delivered, 1);
+    assert_eq!(stats.delivered, 1);
     let drafts = kafka.drafts(9).await?;
     assert_eq!(drafts.len(), 8);
     assert!(drafts
@@ -232,18 +244,19 @@ async fn subscription_changes_reach_the_join_while_running() -> anyhow::Result<(
         config(
             &kafka,
             &db,
-            "[subscribers]\nfull_resync_interval = \"1h\"\n",
+            "[pipelines.campaigns.subscribers]\nfull_resync_interval = \"1h\"\n",
         ),
         fixed(SPEC_NOW),
     )
     .await?;
-    let v0 = running.cache.snapshot().version();
+    let v0 = running.campaigns().cache.snapshot().version();
     let c = db.client().await?;
     db.subscribe_with(&c, "new-client-not-a-uuid", R1).await?;
     c.execute("DELETE FROM subscribers_restaurants WHERE client_id = '923e4567-e89b-12d3-a456-426614174000'", &[])
         .await?;
     assert!(
         wait_for(Duration::from_secs(10), || running
+            .campaigns()
             .cache
             .snapshot()
             .version()
@@ -259,11 +272,14 @@ async fn subscription_changes_reach_the_join_while_running() -> anyhow::Result<(
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    running.stop().await?;
+    stop(running).await?;
     let drafts = kafka.drafts(2).await?;
     let clients: Vec<_> = drafts
         .iter()
@@ -291,11 +307,14 @@ async fn trigger_time_that_overflows_int4_is_refused_loudly() -> anyhow::Result<
     );
     kafka.produce(&[(Some("k"), value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(
         stats.dead_lettered("trigger_time_out_of_range"),
         1,

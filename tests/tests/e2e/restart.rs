@@ -39,11 +39,14 @@ async fn restart_resumes_from_the_committed_offset() -> anyhow::Result<()> {
         .collect();
     kafka.produce(&batch).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || first.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || first
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 3)
         .await
     );
-    first.stop().await?;
+    stop(first).await?;
 
     // Produced while no runner runs, consumed by the second one.
     let batch: Vec<(Option<&str>, &[u8])> = values[3..]
@@ -53,15 +56,18 @@ async fn restart_resumes_from_the_committed_offset() -> anyhow::Result<()> {
     kafka.produce(&batch).await?;
     let second = start(cfg, opts).await?;
     assert!(
-        wait_for(Duration::from_secs(30), || second.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || second
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 3)
         .await,
         "{:?}",
-        second.stats()
+        second.campaigns().stats()
     );
     // Anything re-delivered would show up as more input than the three new messages.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = second.stop().await?;
+    let stats = stop(second).await?;
     assert_eq!(
         stats.received, 3,
         "only the new campaigns are consumed again: {stats:?}"

@@ -5,7 +5,7 @@
 use e2e_tests::*;
 use rdkafka::message::Message;
 use runner::app::RunOptions;
-use runner::pipeline::header;
+use runner::pipelines::campaigns::header;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
     let kafka = MockKafka::new(1)?;
     let db = TestDb::with_spec_subscribers().await?;
     let extra = format!(
-        "[rules]\npath = \"{}\"\ncall_timeout = \"50ms\"\nmemory_limit_mib = 16\n",
+        "[pipelines.campaigns.rules]\npath = \"{}\"\ncall_timeout = \"50ms\"\nmemory_limit_mib = 16\n",
         fixture("hostile.wasm").display()
     );
     let running = start(
@@ -53,19 +53,22 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
         values.iter().map(|v| (None, v.as_bytes())).collect();
     kafka.produce(&messages).await?;
     assert!(
-        wait_for(Duration::from_secs(30), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(30), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 8)
         .await,
         "{:?}",
-        running.stats()
+        running.campaigns().stats()
     );
-    let stats = running.stop().await?;
+    let stats = stop(running).await?;
     assert_eq!(stats.dead_lettered("rules_timeout"), 1, "{stats:?}");
     assert_eq!(stats.dead_lettered("rules_oom"), 1, "{stats:?}");
     assert_eq!(stats.dead_lettered("rules_trap"), 1, "{stats:?}");
     assert_eq!(stats.dead_lettered("rules_bad_output"), 1, "{stats:?}");
     assert_eq!(
-        stats.campaigns_delivered, 4,
+        stats.delivered, 4,
         "each good campaign after a hostile one is delivered"
     );
 
@@ -116,7 +119,7 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
     let live = dir.path().join("rules.wasm");
     std::fs::copy(rules_wasm(), &live)?;
     let extra = format!(
-        "[rules]\npath = \"{}\"\nsettle = \"100ms\"\n[status]\nlisten = \"127.0.0.1:0\"\n",
+        "[pipelines.campaigns.rules]\npath = \"{}\"\nsettle = \"100ms\"\n[status]\nlisten = \"127.0.0.1:0\"\n",
         live.display()
     );
     let running = start(
@@ -126,7 +129,7 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
         },
     )
     .await?;
-    let good = running.rules.current().identity().clone();
+    let good = running.campaigns().rules.current().identity().clone();
     let addr = running.status_addr.expect("status endpoint");
 
     let refusals = [
@@ -139,22 +142,22 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
     for (file, code) in refusals {
         replace_atomically(&fixture(file), &live)?;
         let refused = wait_for(Duration::from_secs(5), || {
-            running.stats().rules.refused.get(code) == Some(&1)
+            running.campaigns().stats().rules.refused.get(code) == Some(&1)
         })
         .await;
         assert!(
             refused,
             "{file} refused as {code}: {:?}",
-            running.stats().rules
+            running.campaigns().stats().rules
         );
         assert_eq!(
-            running.rules.current().identity(),
+            running.campaigns().rules.current().identity(),
             &good,
             "{file}: the running rules stay"
         );
         let (_, status) = http_get(addr, "/status").await?;
         let status: serde_json::Value = serde_json::from_str(&status)?;
-        let last = status["stats"]["rules"]["last_refusal"]
+        let last = status["pipelines"]["campaigns"]["stats"]["rules"]["last_refusal"]
             .as_str()
             .unwrap_or_default()
             .to_string();
@@ -170,7 +173,10 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
     assert!(
-        wait_for(Duration::from_secs(20), || running.stats().offsets_stored
+        wait_for(Duration::from_secs(20), || running
+            .campaigns()
+            .stats()
+            .offsets_stored
             >= 1)
         .await
     );
@@ -179,21 +185,21 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
     for (_, reason) in refusals {
         assert!(
             metrics.contains(&format!(
-                "runner_rules_refused_total{{reason=\"{reason}\"}} 1"
+                "runner_rules_refused_total{{pipeline=\"campaigns\",reason=\"{reason}\"}} 1"
             )),
             "{metrics}"
         );
     }
     assert!(metrics.contains(&format!(
-        "runner_rules_info{{version=\"{}\",sha256=\"{}\"}} 1",
-        good.version, good.sha256
+        "runner_rules_info{{pipeline=\"campaigns\",sha256=\"{}\",version=\"{}\"}} 1",
+        good.sha256, good.version
     )));
     let (code, _) = http_get(addr, "/health").await?;
     assert_eq!(
         code, 200,
         "a refused reload does not make the runner unhealthy"
     );
-    running.stop().await?;
+    stop(running).await?;
     let drafts = kafka.drafts(8).await?;
     assert_eq!(drafts.len(), 8);
     assert!(drafts
@@ -210,14 +216,17 @@ async fn sighup_forces_a_reload() -> anyhow::Result<()> {
     let live = dir.path().join("rules.wasm");
     std::fs::copy(rules_wasm(), &live)?;
     // No watching: only the signal can make the runner look at the file.
-    let extra = format!("[rules]\npath = \"{}\"\nwatch = false\n", live.display());
+    let extra = format!(
+        "[pipelines.campaigns.rules]\npath = \"{}\"\nwatch = false\n",
+        live.display()
+    );
     let running = start(config(&kafka, &db, &extra), RunOptions::default()).await?;
     let v2 = fixture("campaign-rules-v2.wasm");
     replace_atomically(&v2, &live)?;
     let want = sha256_hex(&std::fs::read(&v2)?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_ne!(
-        running.rules.current().identity().sha256,
+        running.campaigns().rules.current().identity().sha256,
         want,
         "not watching: no swap yet"
     );
@@ -227,6 +236,7 @@ async fn sighup_forces_a_reload() -> anyhow::Result<()> {
     assert!(status.success());
     assert!(
         wait_for(Duration::from_secs(5), || running
+            .campaigns()
             .rules
             .current()
             .identity()
@@ -234,18 +244,25 @@ async fn sighup_forces_a_reload() -> anyhow::Result<()> {
             == want)
         .await
     );
-    assert!(running.rules.current().identity().version.ends_with("+v2"));
-    running.stop().await?;
+    assert!(running
+        .campaigns()
+        .rules
+        .current()
+        .identity()
+        .version
+        .ends_with("+v2"));
+    stop(running).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_an_unchanged_component_does_not_recompile() -> anyhow::Result<()> {
-    use runner::rules::{RulesEngine, SandboxLimits};
+    use runner::pipelines::campaigns::contract::RulesEngine;
+    use runner::sandbox::SandboxLimits;
     let dir = tempfile::tempdir()?;
     let limits = SandboxLimits {
         call_timeout: Duration::from_secs(1),
-        call_timeout_per_1000_subscribers: Duration::from_millis(10),
+        call_timeout_per_1000: Duration::from_millis(10),
         memory_limit_bytes: 64 << 20,
         compile_cache_dir: Some(dir.path().to_path_buf()),
         interruptible: true,

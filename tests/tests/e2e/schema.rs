@@ -7,7 +7,7 @@ use runner::app::RunOptions;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_the_spec_tables_when_absent() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    runner::db::ensure_schema(&db.client().await?).await?;
+    runner::pipelines::campaigns::ensure_schema(&db.client().await?).await?;
     let c = db.client().await?;
     let cols: Vec<(String, String, String)> = c
         .query(
@@ -55,7 +55,7 @@ async fn creates_the_spec_tables_when_absent() -> anyhow::Result<()> {
         ]
     );
     // Idempotent.
-    runner::db::ensure_schema(&c).await?;
+    runner::pipelines::campaigns::ensure_schema(&c).await?;
     Ok(())
 }
 
@@ -68,7 +68,7 @@ async fn existing_tables_are_never_altered() -> anyhow::Result<()> {
          restaurant_id varchar NOT NULL, added_by text)",
     )
     .await?;
-    runner::db::ensure_schema(&c).await?;
+    runner::pipelines::campaigns::ensure_schema(&c).await?;
     let n = db
         .count("SELECT count(*) FROM information_schema.columns WHERE table_name = 'subscribers_restaurants' AND column_name = 'added_by'")
         .await?;

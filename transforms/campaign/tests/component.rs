@@ -2,9 +2,10 @@
 //! the runner's own host bindings and sandbox. Covers every rejection code, the time boundaries
 //! and the exact output of SPEC.md's example.
 
-use runner::rules::{
-    Activity, Campaign, LoadedRules, RejectionCode, RulesEngine, RulesInstance, SandboxLimits,
+use runner::pipelines::campaigns::contract::{
+    Activity, Campaign, CampaignInstance as RulesInstance, LoadedRules, RejectionCode, RulesEngine,
 };
+use runner::sandbox::SandboxLimits;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -29,7 +30,7 @@ fn rules() -> &'static LoadedRules {
     RULES.get_or_init(|| {
         let engine = RulesEngine::new(SandboxLimits {
             call_timeout: Duration::from_secs(5),
-            call_timeout_per_1000_subscribers: Duration::from_millis(100),
+            call_timeout_per_1000: Duration::from_millis(100),
             memory_limit_bytes: 64 << 20,
             compile_cache_dir: None,
             interruptible: true,

@@ -3,9 +3,9 @@
 //! then swapped in atomically; the pipeline picks it up at its next batch boundary. On any
 //! failure the running version stays in service and the refusal is logged, counted and shown.
 
-use super::{LoadError, RulesEngine, RulesHandle, RulesIdentity};
+use super::{Contract, LoadError, RulesEngine, RulesHandle, RulesIdentity};
 use crate::events::Events;
-use crate::sink::stopped;
+use crate::retry::stopped;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -42,20 +42,39 @@ pub enum Reloaded {
     Refused(LoadError),
 }
 
-#[derive(Debug, Clone)]
-pub struct Reloader {
-    engine: RulesEngine,
-    handle: RulesHandle,
+pub struct Reloader<C: Contract> {
+    engine: RulesEngine<C>,
+    handle: RulesHandle<C>,
     path: PathBuf,
     events: Arc<Events>,
     /// The hash of the last file refused: the same bytes are not tried (nor reported) again.
     last_refused: Arc<std::sync::Mutex<Option<String>>>,
 }
 
-impl Reloader {
+impl<C: Contract> Clone for Reloader<C> {
+    fn clone(&self) -> Self {
+        Reloader {
+            engine: self.engine.clone(),
+            handle: self.handle.clone(),
+            path: self.path.clone(),
+            events: self.events.clone(),
+            last_refused: self.last_refused.clone(),
+        }
+    }
+}
+
+impl<C: Contract> std::fmt::Debug for Reloader<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Contract> Reloader<C> {
     pub fn new(
-        engine: RulesEngine,
-        handle: RulesHandle,
+        engine: RulesEngine<C>,
+        handle: RulesHandle<C>,
         path: PathBuf,
         events: Arc<Events>,
     ) -> Self {
@@ -77,7 +96,7 @@ impl Reloader {
                     path: self.path.display().to_string(),
                     source,
                 };
-                self.events.rules_refused(&self.path, &e, trigger);
+                self.events.rules_refused(&self.path, e.code(), &e, trigger);
                 return Reloaded::Refused(e);
             }
         };
@@ -92,12 +111,13 @@ impl Reloader {
             Ok(next) => {
                 let new = next.identity().clone();
                 let old = self.handle.swap(next).identity().clone();
-                self.events.rules_swapped(&old, &new, trigger);
+                self.events
+                    .rules_swapped(&old, &new, &new.version, &new.sha256, trigger);
                 Reloaded::Swapped { old, new }
             }
             Err(e) => {
                 *self.last_refused.lock().expect("reload lock") = Some(sha);
-                self.events.rules_refused(&self.path, &e, trigger);
+                self.events.rules_refused(&self.path, e.code(), &e, trigger);
                 Reloaded::Refused(e)
             }
         }

@@ -1,7 +1,8 @@
 //! Kafka output through transactions: one transactional producer per owned input partition
 //! (its `transactional.id` names the group and the partition, so a new owner's
-//! `init_transactions` fences a zombie). Each transaction carries the drafts and dead letters of
-//! a run of that partition's messages and commits the consumer group's offset past them.
+//! `init_transactions` fences a zombie). Each transaction carries the output records and dead
+//! letters of a run of that partition's messages and commits the consumer group's offset past
+//! them.
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::FromClientConfigAndContext;
@@ -22,18 +23,6 @@ pub struct OutRecord<'a> {
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
     pub headers: &'a OwnedHeaders,
-}
-
-/// Builds headers from (name, value) pairs.
-pub fn headers<'v>(pairs: impl IntoIterator<Item = (&'v str, &'v [u8])>) -> OwnedHeaders {
-    pairs
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +195,7 @@ impl TxProducer {
         for r in records {
             loop {
                 let headers = r.headers.clone().insert(Header {
-                    key: crate::pipeline::header::TX_ATTEMPT,
+                    key: crate::headers::TX_ATTEMPT,
                     value: Some(attempt.as_bytes()),
                 });
                 let mut rec = BaseRecord::<[u8], [u8]>::to(r.topic).headers(headers);

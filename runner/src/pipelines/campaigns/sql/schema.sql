@@ -1,4 +1,4 @@
--- The production tables, exactly as SPEC.md gives them. Created only when absent: an existing
+-- The production tables, exactly as docs/SPEC.md gives them. Created only when absent: an existing
 -- table is never altered (the runner checks its columns instead, see columns.sql).
 CREATE TABLE IF NOT EXISTS public.subscribers_restaurants (
     id serial4 NOT NULL,

@@ -1,20 +1,18 @@
-//! The sandbox: one wasmtime engine (compiled code shared), components compiled once and
-//! pre-instantiated, and per-call limits. The store's data holds the memory limits and the one
-//! import the guest may call; the epoch deadline is set right where each call is made.
+//! The engine: one wasmtime engine per pipeline (compiled code shared, an epoch thread for call
+//! deadlines), components compiled once, checked against their contract, smoke-tested and
+//! pre-instantiated, and per-call limits. The store's data holds the memory limits and what the
+//! guest's one import (a log line) needs; the epoch deadline is set right where each call is
+//! made, and before instantiating.
 
-use super::bindings::{
-    CampaignRules, CampaignRulesPre, HostLog, HostTypes, LogLevel, Rejection, Verdict, WIT_PACKAGE,
-    WIT_VERSION,
-};
-use super::drafts::{BadDrafts, ClientIds, Drafts};
-use crate::config::RulesConfig;
+use super::Contract;
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
     Trap,
@@ -35,8 +33,8 @@ pub enum LoadError {
     Compile(anyhow::Error),
     #[error("the component imports {name}, but rules may import only {allowed} (no WASI capability is granted)")]
     ForbiddenImport { name: String, allowed: String },
-    #[error("the component exports {found}, but this runner hosts {WIT_PACKAGE}/rules@{WIT_VERSION} (compatible: {WIT_MAJOR}.x)")]
-    IncompatibleVersion { found: String },
+    #[error("the component exports {found}, but this runner hosts {hosts}")]
+    IncompatibleVersion { found: String, hosts: String },
     #[error("component does not fit the {world} world this runner hosts: {detail:#}")]
     WrongWorld {
         world: &'static str,
@@ -60,54 +58,59 @@ impl LoadError {
     }
 }
 
-/// The major version of the WIT package: components exporting the same major are accepted.
-const WIT_MAJOR: &str = major(WIT_VERSION);
-
 /// `"3"` of `"3.0.0"`.
-const fn major(version: &str) -> &str {
-    let b = version.as_bytes();
-    let mut i = 0;
-    while i < b.len() && b[i] != b'.' {
-        i += 1;
-    }
-    version.split_at(i).0
+fn major(version: &str) -> &str {
+    version.split('.').next().unwrap_or(version)
 }
 
-/// Splits `fooddelivery:campaign-rules/NAME@VERSION` into (NAME, VERSION).
-fn interface_name(name: &str) -> Option<(&str, &str)> {
-    let rest = name.strip_prefix(WIT_PACKAGE)?.strip_prefix('/')?;
+/// Splits `PACKAGE/NAME@VERSION` into (NAME, VERSION) for the contract's package.
+fn interface_name<C: Contract>(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_prefix(C::PACKAGE)?.strip_prefix('/')?;
     rest.split_once('@')
 }
 
-fn same_major(version: &str) -> bool {
-    version.split('.').next() == Some(WIT_MAJOR)
+fn same_major<C: Contract>(version: &str) -> bool {
+    major(version) == major(C::VERSION)
 }
 
 /// Checks imports and the exported interface's version before linking, so that a refusal
 /// says what is wrong in the operator's terms rather than the linker's.
-fn check_contract(component: &Component, engine: &Engine) -> Result<(), LoadError> {
+fn check_contract<C: Contract>(component: &Component, engine: &Engine) -> Result<(), LoadError> {
     let ty = component.component_type();
+    let major = major(C::VERSION);
     for (name, _) in ty.imports(engine) {
-        if !matches!(interface_name(name), Some(("host-log" | "types", v)) if same_major(v)) {
+        let allowed = matches!(interface_name::<C>(name),
+            Some((n, v)) if C::IMPORTS.contains(&n) && same_major::<C>(v));
+        if !allowed {
+            let first = C::IMPORTS.first().copied().unwrap_or("");
             return Err(LoadError::ForbiddenImport {
                 name: name.to_string(),
-                allowed: format!("{WIT_PACKAGE}/host-log@{WIT_MAJOR}.x"),
+                allowed: format!("{}/{first}@{major}.x", C::PACKAGE),
             });
         }
     }
     let exported: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
     let rules = exported
         .iter()
-        .find(|n| matches!(interface_name(n), Some(("rules", _))));
-    match rules.and_then(|n| interface_name(n)) {
-        Some((_, v)) if same_major(v) => Ok(()),
+        .copied()
+        .find(|n| matches!(interface_name::<C>(n), Some((e, _)) if e == C::EXPORT));
+    match rules.and_then(interface_name::<C>) {
+        Some((_, v)) if same_major::<C>(v) => Ok(()),
         Some(_) => Err(LoadError::IncompatibleVersion {
-            found: rules.map(|n| n.to_string()).unwrap_or_default(),
+            found: rules.unwrap_or_default().to_string(),
+            hosts: format!(
+                "{}/{}@{} (compatible: {major}.x)",
+                C::PACKAGE,
+                C::EXPORT,
+                C::VERSION
+            ),
         }),
         None => Err(LoadError::WrongWorld {
-            world: "campaign-rules",
+            world: C::WORLD,
             detail: anyhow::anyhow!(
-                "it does not export {WIT_PACKAGE}/rules (its exports: {exported:?})"
+                "it does not export {}/{} (its exports: {exported:?})",
+                C::PACKAGE,
+                C::EXPORT
             ),
         }),
     }
@@ -124,7 +127,7 @@ pub enum CallError {
     Trap(String),
     /// The call returned, but its result breaks the contract (e.g. not one draft per client).
     #[error("rules returned a result that breaks the contract: {0}")]
-    BadOutput(BadDrafts),
+    BadOutput(String),
 }
 
 impl CallError {
@@ -158,6 +161,15 @@ impl fmt::Display for RulesIdentity {
     }
 }
 
+/// How severe a line the guest logs is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestLog {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
 /// Everything a guest's store may touch.
 pub struct StoreData {
     limits: StoreLimits,
@@ -166,6 +178,35 @@ pub struct StoreData {
     /// The last error the guest logged (a panic message arrives this way), for dead letters.
     last_error: Option<String>,
     identity_version: Arc<str>,
+}
+
+impl fmt::Debug for StoreData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreData")
+            .field("rules", &self.identity_version)
+            .field("memory_refused", &self.memory_refused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreData {
+    /// A line the guest logged, through the one import a rules world has.
+    pub fn log(&mut self, level: GuestLog, message: String) {
+        let rules = &*self.identity_version;
+        match level {
+            GuestLog::Error => {
+                tracing::error!(rules, message = %message, "Rules component logged an error.");
+                self.last_error = Some(message);
+            }
+            GuestLog::Warn => {
+                tracing::warn!(rules, message = %message, "Rules component logged a warning.")
+            }
+            GuestLog::Info => tracing::info!(rules, message = %message, "Rules component logged."),
+            GuestLog::Debug => {
+                tracing::debug!(rules, message = %message, "Rules component logged.")
+            }
+        }
+    }
 }
 
 impl ResourceLimiter for StoreData {
@@ -204,32 +245,13 @@ impl ResourceLimiter for StoreData {
     }
 }
 
-impl HostTypes for StoreData {}
-
-impl HostLog for StoreData {
-    fn log(&mut self, level: LogLevel, message: String) {
-        let rules = &*self.identity_version;
-        match level {
-            LogLevel::Error => {
-                tracing::error!(rules, message = %message, "Rules component logged an error.");
-                self.last_error = Some(message);
-            }
-            LogLevel::Warn => {
-                tracing::warn!(rules, message = %message, "Rules component logged a warning.")
-            }
-            LogLevel::Info => tracing::info!(rules, message = %message, "Rules component logged."),
-            LogLevel::Debug => {
-                tracing::debug!(rules, message = %message, "Rules component logged.")
-            }
-        }
-    }
-}
-
 /// Sandbox limits, from configuration.
 #[derive(Debug, Clone)]
 pub struct SandboxLimits {
     pub call_timeout: Duration,
-    pub call_timeout_per_1000_subscribers: Duration,
+    /// Extra time per 1,000 items of a call whose work grows with its input (a campaign's
+    /// subscribers).
+    pub call_timeout_per_1000: Duration,
     pub memory_limit_bytes: usize,
     /// Where compiled components are cached (keyed by wasmtime on the component's bytes and the
     /// engine's configuration), so a restart with an unchanged component does not recompile.
@@ -238,27 +260,25 @@ pub struct SandboxLimits {
     pub interruptible: bool,
 }
 
-impl From<&RulesConfig> for SandboxLimits {
-    fn from(c: &RulesConfig) -> Self {
-        SandboxLimits {
-            call_timeout: c.call_timeout,
-            call_timeout_per_1000_subscribers: c.call_timeout_per_1000_subscribers,
-            memory_limit_bytes: c.memory_limit_bytes,
-            compile_cache_dir: c.compile_cache_dir.clone(),
-            interruptible: true,
+/// The engine of one rules contract plus the thread that advances its epoch.
+pub struct RulesEngine<C: Contract> {
+    inner: Arc<EngineInner>,
+    linker: Arc<Linker<StoreData>>,
+    contract: PhantomData<fn() -> C>,
+}
+
+impl<C: Contract> Clone for RulesEngine<C> {
+    fn clone(&self) -> Self {
+        RulesEngine {
+            inner: self.inner.clone(),
+            linker: self.linker.clone(),
+            contract: PhantomData,
         }
     }
 }
 
-/// The shared engine plus the thread that advances its epoch.
-#[derive(Clone)]
-pub struct RulesEngine {
-    inner: Arc<EngineInner>,
-}
-
 struct EngineInner {
     engine: Engine,
-    linker: Linker<StoreData>,
     limits: SandboxLimits,
     cache: Option<Cache>,
     stop_ticker: Arc<AtomicBool>,
@@ -270,16 +290,17 @@ impl Drop for EngineInner {
     }
 }
 
-impl fmt::Debug for RulesEngine {
+impl<C: Contract> fmt::Debug for RulesEngine<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RulesEngine")
+            .field("world", &C::WORLD)
             .field("limits", &self.inner.limits)
             .finish()
     }
 }
 
-impl RulesEngine {
-    pub fn new(limits: SandboxLimits) -> anyhow::Result<RulesEngine> {
+impl<C: Contract> RulesEngine<C> {
+    pub fn new(limits: SandboxLimits) -> anyhow::Result<RulesEngine<C>> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(limits.interruptible);
@@ -295,7 +316,7 @@ impl RulesEngine {
         }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        CampaignRules::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
+        C::add_to_linker(&mut linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), stop_ticker.clone());
@@ -313,11 +334,12 @@ impl RulesEngine {
         Ok(RulesEngine {
             inner: Arc::new(EngineInner {
                 engine,
-                linker,
                 limits,
                 cache: compile_cache,
                 stop_ticker,
             }),
+            linker: Arc::new(linker),
+            contract: PhantomData,
         })
     }
 
@@ -335,7 +357,7 @@ impl RulesEngine {
     }
 
     /// Reads, compiles, links and smoke-tests a component file. Off the hot path.
-    pub fn load_file(&self, path: &Path) -> Result<LoadedRules, LoadError> {
+    pub fn load_file(&self, path: &Path) -> Result<LoadedRules<C>, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.display().to_string(),
             source,
@@ -343,25 +365,22 @@ impl RulesEngine {
         self.load_bytes(&bytes)
     }
 
-    pub fn load_bytes(&self, bytes: &[u8]) -> Result<LoadedRules, LoadError> {
+    pub fn load_bytes(&self, bytes: &[u8]) -> Result<LoadedRules<C>, LoadError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component =
             Component::new(&self.inner.engine, bytes).map_err(|e| LoadError::Compile(e.into()))?;
-        check_contract(&component, &self.inner.engine)?;
-        let pre =
-            self.inner
-                .linker
-                .instantiate_pre(&component)
-                .map_err(|e| LoadError::WrongWorld {
-                    world: "campaign-rules",
-                    detail: e.into(),
-                })?;
-        let pre = CampaignRulesPre::new(pre).map_err(|e| LoadError::WrongWorld {
-            world: "campaign-rules",
+        check_contract::<C>(&component, &self.inner.engine)?;
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            world: C::WORLD,
             detail: e.into(),
-        })?;
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = C::pre(pre).map_err(wrong_world)?;
         let mut loaded = LoadedRules {
-            pre,
+            pre: Arc::new(pre),
             identity: RulesIdentity {
                 sha256,
                 version: String::new(),
@@ -372,7 +391,7 @@ impl RulesEngine {
             .instantiate()
             .map_err(|e| LoadError::Smoke(e.to_string()))?;
         let version = instance
-            .version()
+            .call(instance.limits.call_timeout, C::version)
             .map_err(|e| LoadError::Smoke(e.to_string()))?;
         if version.trim().is_empty() {
             return Err(LoadError::Smoke(
@@ -380,60 +399,19 @@ impl RulesEngine {
             ));
         }
         loaded.identity.version = version;
-        smoke_check(&mut instance)?;
+        C::smoke(&mut instance).map_err(LoadError::Smoke)?;
         Ok(loaded)
     }
 }
 
-/// The SPEC.md example must validate as active and shape one exact draft.
-fn smoke_check(instance: &mut RulesInstance) -> Result<(), LoadError> {
-    const EXAMPLE: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000","adv_campaign_id": "123e4567-e89b-12d3-a456-426614174003","adv_campaign_content": "first campaign","adv_campaign_owner": "Ivanov Ivan Ivanovich","adv_campaign_owner_contact": "iiivanov@restaurant.ru","adv_campaign_datetime_start": 1659203516,"adv_campaign_datetime_end": 2659207116,"datetime_created": 1659131516}"#;
-    let now = 1_659_304_828;
-    let verdict = match instance.validate(EXAMPLE.as_bytes(), now) {
-        Ok(Ok(v)) => v,
-        Ok(Err(r)) => {
-            return Err(LoadError::Smoke(format!(
-                "the SPEC example was rejected: {}",
-                r.detail
-            )))
-        }
-        Err(e) => {
-            return Err(LoadError::Smoke(format!(
-                "validate failed on the SPEC example: {e}"
-            )))
-        }
-    };
-    if verdict.activity != super::bindings::Activity::Active {
-        return Err(LoadError::Smoke(format!(
-            "the SPEC example is not active at {now}: {:?}",
-            verdict.activity
-        )));
-    }
-    let client = "023e4567-e89b-12d3-a456-426614174000";
-    let drafts = instance
-        .shape(&verdict.campaign, &[client], now)
-        .map_err(|e| LoadError::Smoke(format!("shape failed on the SPEC example: {e}")))?;
-    let draft = drafts
-        .get(0)
-        .expect("one draft per client, checked by shape");
-    let json: serde_json::Value = serde_json::from_slice(draft.payload)
-        .map_err(|e| LoadError::Smoke(format!("the shaped draft is not JSON: {e}")))?;
-    if json.get("client_id").and_then(|v| v.as_str()) != Some(client) {
-        return Err(LoadError::Smoke(
-            "the shaped draft lacks the subscriber's client_id".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// A compiled, linked, smoke-tested component: cheap to instantiate.
-pub struct LoadedRules {
-    pre: CampaignRulesPre<StoreData>,
+pub struct LoadedRules<C: Contract> {
+    pre: Arc<C::Pre>,
     identity: RulesIdentity,
-    engine: RulesEngine,
+    engine: RulesEngine<C>,
 }
 
-impl fmt::Debug for LoadedRules {
+impl<C: Contract> fmt::Debug for LoadedRules<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadedRules")
             .field("identity", &self.identity)
@@ -441,13 +419,13 @@ impl fmt::Debug for LoadedRules {
     }
 }
 
-impl LoadedRules {
+impl<C: Contract> LoadedRules<C> {
     pub fn identity(&self) -> &RulesIdentity {
         &self.identity
     }
 
     /// A fresh instance with its own store and limits.
-    pub fn instantiate(&self) -> Result<RulesInstance, CallError> {
+    pub fn instantiate(&self) -> Result<RulesInstance<C>, CallError> {
         let limits = &self.engine.inner.limits;
         let data = StoreData {
             limits: StoreLimitsBuilder::new()
@@ -464,7 +442,7 @@ impl LoadedRules {
             store.set_epoch_deadline(ticks(limits.call_timeout));
             store.epoch_deadline_trap();
         }
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+        let bindings = C::instantiate(&self.pre, &mut store).map_err(|e| {
             classify(
                 e,
                 &mut store,
@@ -504,94 +482,41 @@ fn classify(
 }
 
 /// One live instance. After any error it must be dropped: a trapped instance is never reused.
-pub struct RulesInstance {
+pub struct RulesInstance<C: Contract> {
     store: Store<StoreData>,
-    bindings: CampaignRules,
+    bindings: C::Bindings,
     limits: SandboxLimits,
 }
 
-impl fmt::Debug for RulesInstance {
+impl<C: Contract> fmt::Debug for RulesInstance<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RulesInstance").finish_non_exhaustive()
     }
 }
 
-impl RulesInstance {
-    fn arm(&mut self, timeout: Duration) {
+impl<C: Contract> RulesInstance<C> {
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    /// One call into the guest within `timeout`: the deadline is armed, the call made, and a
+    /// failure classified (deadline, memory limit, or any other trap with what the guest
+    /// logged last).
+    pub fn call<T>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(&C::Bindings, &mut Store<StoreData>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
         if self.limits.interruptible {
             self.store.set_epoch_deadline(ticks(timeout));
         }
         self.store.data_mut().last_error = None;
+        let r = f(&self.bindings, &mut self.store);
+        r.map_err(|e| classify(e, &mut self.store, timeout, self.limits.memory_limit_bytes))
     }
 
-    fn fail(&mut self, e: wasmtime::Error, timeout: Duration) -> CallError {
-        classify(e, &mut self.store, timeout, self.limits.memory_limit_bytes)
-    }
-
-    pub fn version(&mut self) -> Result<String, CallError> {
-        let timeout = self.limits.call_timeout;
-        self.arm(timeout);
-        let r = self
-            .bindings
-            .fooddelivery_campaign_rules_rules()
-            .call_version(&mut self.store);
-        r.map_err(|e| self.fail(e, timeout))
-    }
-
-    pub fn validate(
-        &mut self,
-        payload: &[u8],
-        now: i64,
-    ) -> Result<Result<Verdict, Rejection>, CallError> {
-        let timeout = self.limits.call_timeout;
-        self.arm(timeout);
-        let r = self
-            .bindings
-            .fooddelivery_campaign_rules_rules()
-            .call_validate(&mut self.store, payload, now);
-        r.map_err(|e| self.fail(e, timeout))
-    }
-
-    /// The deadline of a shape call grows with its fan-out.
-    pub fn shape_timeout(&self, subscribers: usize) -> Duration {
-        self.limits.call_timeout
-            + self.limits.call_timeout_per_1000_subscribers * (subscribers.div_ceil(1000) as u32)
-    }
-
-    /// Shapes one draft per client. The clients are packed into one buffer for the call (see
-    /// [`RulesInstance::shape_packed`]).
-    pub fn shape<S: AsRef<str>>(
-        &mut self,
-        campaign: &super::bindings::Campaign,
-        clients: &[S],
-        now: i64,
-    ) -> Result<Drafts, CallError> {
-        self.shape_packed(campaign, ClientIds::packed(clients), now)
-    }
-
-    /// Shapes one draft per client of `clients`, already packed. The result keeps `clients`
-    /// and is checked against the contract (one draft per client, in order) and rendered,
-    /// bounded by the instance's memory limit: a result that breaks the contract or the limit
-    /// is a [`CallError::BadOutput`].
-    pub fn shape_packed(
-        &mut self,
-        campaign: &super::bindings::Campaign,
-        clients: ClientIds,
-        now: i64,
-    ) -> Result<Drafts, CallError> {
-        let timeout = self.shape_timeout(clients.len());
-        self.arm(timeout);
-        let r = self
-            .bindings
-            .fooddelivery_campaign_rules_rules()
-            .call_shape(
-                &mut self.store,
-                campaign,
-                clients.bytes(),
-                clients.ends(),
-                now,
-            );
-        let template = r.map_err(|e| self.fail(e, timeout))?;
-        Drafts::new(clients, template, self.limits.memory_limit_bytes).map_err(CallError::BadOutput)
+    /// The deadline of a call whose work grows with `items` (e.g. a campaign's subscribers).
+    pub fn timeout_for(&self, items: usize) -> Duration {
+        self.limits.call_timeout + self.limits.call_timeout_per_1000 * (items.div_ceil(1000) as u32)
     }
 }

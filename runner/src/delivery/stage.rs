@@ -11,17 +11,17 @@
 //! transaction put it in the outbox, and a partition's Kafka transactions still commit in input
 //! order (one transaction in flight per partition, first in, first out). If this runner dies
 //! with units queued here, they are in the outbox past the committed offset, and whoever takes
-//! the partition over publishes them in one transaction (`Pipeline::recover`). The outbox of a
+//! the partition over publishes them in one transaction (`takeover.rs`). The outbox of a
 //! unit is deleted only after its Kafka transaction committed (`Done::Published` sets
 //! `published_through`).
 
-use super::{Evaluated, Outcome};
+use super::outbox::{Kept, OutboxEntry, Target};
+use super::producer::{OutRecord, TxError, TxProducer};
+use super::{Evaluated, Outcome, Pipeline};
 use crate::events::{stage, Events};
-use crate::rules::RulesIdentity;
-use crate::sink::feedback::{Kept, OutboxEntry, Target};
-use crate::sink::kafka::{headers, OutRecord, TxError, TxProducer};
-use crate::sink::{pause, Abandoned, Backoff};
-use crate::source::CampaignConsumer;
+use crate::retry::{Abandoned, Backoff};
+use crate::sandbox::RulesIdentity;
+use crate::source::SourceConsumer;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 /// Publishes units to Kafka: what both the Kafka stage and partition recovery use.
 #[derive(Clone)]
 pub(crate) struct Publisher {
-    pub(crate) consumer: Arc<CampaignConsumer>,
+    pub(crate) consumer: Arc<SourceConsumer>,
     pub(crate) events: Arc<Events>,
     pub(crate) output_topic: String,
     pub(crate) dead_letter_topic: String,
@@ -93,11 +93,11 @@ impl Publisher {
                     return Ok(false);
                 }
                 Err(TxError::Retry(e)) => {
-                    let wait = backoff.step();
-                    self.events.sink_retry("kafka", &e, backoff.attempt, wait);
-                    if !pause(wait, stop).await {
-                        return Err(Abandoned);
-                    }
+                    backoff
+                        .wait(stop, |attempt, pause| {
+                            self.events.sink_retry("kafka", &e, attempt, pause)
+                        })
+                        .await?;
                 }
             }
         }
@@ -142,7 +142,7 @@ impl<'e> Records<'e> {
         };
         for k in kept {
             let e = &entries[k.entry];
-            out.headers.push(headers(
+            out.headers.push(crate::headers::owned(
                 e.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
             ));
             let h = out.headers.len() - 1;
@@ -164,7 +164,7 @@ impl<'e> Records<'e> {
             .iter()
             .map(|r| OutRecord {
                 topic: match r.target {
-                    Target::Drafts => output,
+                    Target::Output => output,
                     Target::DeadLetters => dead_letters,
                 },
                 key: r.key,
@@ -176,7 +176,7 @@ impl<'e> Records<'e> {
 }
 
 /// A unit durable in PostgreSQL (its outbox entries written), to be published.
-pub(crate) struct Job {
+pub(crate) struct Job<D> {
     pub(crate) key: (String, i32),
     /// The fence epoch the PostgreSQL transaction held.
     pub(crate) epoch: i64,
@@ -186,7 +186,7 @@ pub(crate) struct Job {
     pub(crate) entries: Vec<OutboxEntry>,
     pub(crate) kept: Vec<Kept>,
     /// The unit's messages and outcomes, reported once the unit is durable in both sinks.
-    pub(crate) group: Vec<Evaluated>,
+    pub(crate) group: Vec<Evaluated<D>>,
     /// Its share of the stage's queue (released once it is published).
     pub(crate) room: Option<OwnedSemaphorePermit>,
     pub(crate) rules: RulesIdentity,
@@ -213,8 +213,8 @@ pub(crate) enum Done {
 }
 
 /// The pipeline's handle on the Kafka stage.
-pub(crate) struct Stage {
-    jobs: mpsc::UnboundedSender<Job>,
+pub(crate) struct Stage<P: Pipeline> {
+    jobs: mpsc::UnboundedSender<Job<P::Delivery>>,
     done: mpsc::UnboundedReceiver<Done>,
     /// Drafts the queue may hold (units handed over and not yet published): bounds memory.
     room: Arc<Semaphore>,
@@ -223,18 +223,19 @@ pub(crate) struct Stage {
     pending: usize,
 }
 
-impl Stage {
-    /// Starts the stage's task. `max_drafts`: how many drafts the units handed over and not yet
-    /// published may hold (a unit larger than that still goes, alone); the pipeline waits for
-    /// room beyond it.
+impl<P: Pipeline> Stage<P> {
+    /// Starts the stage's task. `max_drafts`: how much weight (campaigns: drafts) the units
+    /// handed over and not yet published may hold (a unit heavier than that still goes,
+    /// alone); the pipeline waits for room beyond it.
     pub(crate) fn start(
         publisher: Publisher,
+        pipeline: Arc<P>,
         max_drafts: usize,
         stop: watch::Receiver<bool>,
-    ) -> Stage {
+    ) -> Stage<P> {
         let (jobs, rx) = mpsc::unbounded_channel();
         let (tx, done) = mpsc::unbounded_channel();
-        tokio::spawn(run(publisher, rx, tx, stop));
+        tokio::spawn(run(publisher, pipeline, rx, tx, stop));
         let max_drafts = u32::try_from(max_drafts.max(1)).unwrap_or(u32::MAX);
         Stage {
             jobs,
@@ -250,8 +251,8 @@ impl Stage {
     }
 
     /// Hands a unit over (waiting while the queue is full).
-    pub(crate) async fn send(&mut self, mut job: Job) -> Result<(), Abandoned> {
-        let drafts: usize = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
+    pub(crate) async fn send(&mut self, mut job: Job<P::Delivery>) -> Result<(), Abandoned> {
+        let drafts: usize = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
         let want = u32::try_from(drafts.max(1))
             .unwrap_or(u32::MAX)
             .min(self.max_drafts);
@@ -296,9 +297,9 @@ impl Stage {
     }
 }
 
-fn drafts_of(outcome: &Outcome) -> usize {
+fn weight<P: Pipeline>(outcome: &Outcome<P::Delivery>) -> usize {
     match outcome {
-        Outcome::Deliver { drafts, .. } => drafts.len(),
+        Outcome::Deliver(d) => P::weight(d),
         _ => 0,
     }
 }
@@ -306,18 +307,18 @@ fn drafts_of(outcome: &Outcome) -> usize {
 /// A partition and the fence epoch its units were written under: the stage's unit of order.
 type Lane = ((String, i32), i64);
 
-fn lane(job: &Job) -> Lane {
+fn lane<D>(job: &Job<D>) -> Lane {
     (job.key.clone(), job.epoch)
 }
 
 /// One Kafka transaction carrying a lane's queued units, in order; resolves to what became of
 /// it (`Err`: the runner is stopping hard).
-async fn flight(
+async fn flight<D>(
     publisher: Publisher,
     lane: Lane,
-    group: Vec<Job>,
+    group: Vec<Job<D>>,
     mut stop: watch::Receiver<bool>,
-) -> (Lane, Vec<Job>, Result<bool, Abandoned>) {
+) -> (Lane, Vec<Job<D>>, Result<bool, Abandoned>) {
     let events = &publisher.events;
     for job in &group {
         events.stage_time(
@@ -346,9 +347,10 @@ async fn flight(
 /// out together in the next one (group commit). Lanes do not wait for each other: each
 /// partition has its own transactional producer, so their transactions run at the same time,
 /// and a unit waits only behind its own partition's earlier units.
-async fn run(
+async fn run<P: Pipeline>(
     publisher: Publisher,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    pipeline: Arc<P>,
+    mut jobs: mpsc::UnboundedReceiver<Job<P::Delivery>>,
     done: mpsc::UnboundedSender<Done>,
     stop: watch::Receiver<bool>,
 ) {
@@ -356,7 +358,7 @@ async fn run(
     // runner.
     let mut fenced: HashSet<Lane> = HashSet::new();
     // Units handed over and not yet in a transaction, per lane, in order.
-    let mut waiting: HashMap<Lane, Vec<Job>> = HashMap::new();
+    let mut waiting: HashMap<Lane, Vec<Job<P::Delivery>>> = HashMap::new();
     // Lanes with a transaction in flight.
     let mut busy: HashSet<Lane> = HashSet::new();
     let mut flights = FuturesUnordered::new();
@@ -379,7 +381,7 @@ async fn run(
                 if !published {
                     fenced.insert(lane);
                 }
-                if finish(&publisher.events, group, published, &done).is_err() {
+                if finish(&*pipeline, &publisher.events, group, published, &done).is_err() {
                     return;
                 }
             },
@@ -395,7 +397,7 @@ async fn run(
         for lane in ready {
             let group = waiting.remove(&lane).expect("a waiting lane");
             if fenced.contains(&lane) {
-                if finish(&publisher.events, group, false, &done).is_err() {
+                if finish(&*pipeline, &publisher.events, group, false, &done).is_err() {
                     return;
                 }
                 continue;
@@ -408,17 +410,18 @@ async fn run(
 
 /// Reports what became of a group of units to the pipeline (and, when published, to the
 /// events: each message's outcome, latency and the unit's commit).
-fn finish(
+fn finish<P: Pipeline>(
+    pipeline: &P,
     events: &Events,
-    group: Vec<Job>,
+    group: Vec<Job<P::Delivery>>,
     published: bool,
     done: &mpsc::UnboundedSender<Done>,
 ) -> Result<(), mpsc::error::SendError<Done>> {
     for job in group {
         let outcome = if published {
-            report(events, &job.group, &job.rules);
+            report(pipeline, events, &job.group, &job.rules);
             record_latency(events, &job.group);
-            let drafts = job.group.iter().map(|e| drafts_of(&e.outcome)).sum();
+            let drafts = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
             events.batch_committed(job.group.len(), drafts, job.started.elapsed());
             Done::Published {
                 key: job.key,
@@ -437,7 +440,7 @@ fn finish(
 }
 
 /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
-fn record_latency(events: &Events, group: &[Evaluated]) {
+fn record_latency<D>(events: &Events, group: &[Evaluated<D>]) {
     let now_us = unix_micros();
     for e in group {
         if let Some(ms) = rdkafka::Message::timestamp(&e.msg).to_millis() {
@@ -446,20 +449,17 @@ fn record_latency(events: &Events, group: &[Evaluated]) {
     }
 }
 
-fn report(events: &Events, group: &[Evaluated], rules: &RulesIdentity) {
+fn report<P: Pipeline>(
+    pipeline: &P,
+    events: &Events,
+    group: &[Evaluated<P::Delivery>],
+    rules: &RulesIdentity,
+) {
     let rules = rules.to_string();
     for e in group {
         match &e.outcome {
-            Outcome::Deliver { drafts, .. } => events.delivered(
-                &e.pos,
-                &drafts.campaign.adv_campaign_id,
-                drafts.len(),
-                &rules,
-            ),
-            Outcome::Skip {
-                reason,
-                campaign_id,
-            } => events.skipped(*reason, &e.pos, campaign_id),
+            Outcome::Deliver(d) => pipeline.delivered(events, &e.pos, d, &rules),
+            Outcome::Skip { reason, subject } => events.skipped(reason, &e.pos, subject),
             Outcome::DeadLetter { code, detail, .. } => {
                 events.dead_lettered(code, detail, &e.pos, &rules)
             }

@@ -1,0 +1,159 @@
+//! Taking a partition over, on every assignment (so on every start too): a transactional
+//! producer of its own (whose `init_transactions` fences any older producer with the same id
+//! and aborts its open transaction), a new fence epoch in PostgreSQL (fencing a zombie's next
+//! PostgreSQL transaction), then the outbox judged by the committed offset: entries below it
+//! were published already and are deleted; the others are published now, in one transaction
+//! with the offset past them, and the consumer seeks past them.
+
+use super::outbox::{Kept, OutboxEntry};
+use super::producer::TxProducer;
+use super::{Delivery, Owned, Pipeline};
+use crate::retry::{Abandoned, Backoff};
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Kafka transactions wait this long for the broker.
+const TX_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl<P: Pipeline> Delivery<P> {
+    /// Takes a newly assigned partition over (see the module's documentation).
+    pub(super) async fn recover(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), Abandoned> {
+        let backoff_max = self.cfg.sink_retry_max_backoff;
+        let tx_id = format!("{}-{topic}-{partition}", self.cfg.transactional_prefix);
+        let mut backoff = Backoff::new(backoff_max);
+        let producer = loop {
+            match TxProducer::create(&self.cfg.producer, &tx_id, TX_TIMEOUT).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    backoff
+                        .wait(&mut stop, |attempt, pause| {
+                            self.events.sink_retry("kafka", &e, attempt, pause)
+                        })
+                        .await?
+                }
+            }
+        };
+        let events = self.events.clone();
+        let fence = self
+            .pg
+            .claim(
+                topic,
+                partition,
+                &self.instance_id,
+                &events,
+                backoff_max,
+                &mut stop,
+            )
+            .await
+            .map_err(|_| Abandoned)?;
+        let committed = self.committed_offset(topic, partition).await;
+        let outbox = self
+            .pg
+            .load_outbox(&fence, &events, backoff_max, &mut stop)
+            .await
+            .map_err(|_| Abandoned)?;
+        let pending: Vec<OutboxEntry> = outbox
+            .into_iter()
+            .filter(|e| committed.is_none_or(|c| e.source_offset >= c))
+            .collect();
+        let mut next_offset = committed.unwrap_or(0);
+        if let Some(last) = pending.last().map(|e| e.source_offset) {
+            let kept = Kept::all(&pending);
+            if !self
+                .publisher
+                .publish(
+                    &producer,
+                    (topic, partition),
+                    last,
+                    &[(&pending, &kept)],
+                    &mut stop,
+                )
+                .await?
+            {
+                return Ok(());
+            }
+            tracing::info!(
+                topic,
+                partition,
+                entries = pending.len(),
+                records = kept
+                    .iter()
+                    .map(|k| k.records(&pending[k.entry]).count())
+                    .sum::<usize>(),
+                through = last,
+                "Recovered: outbox published."
+            );
+            next_offset = last + 1;
+            self.seek(topic, partition, next_offset).await;
+        }
+        if let Some(through) = next_offset.checked_sub(1) {
+            let _ = self
+                .pg
+                .delete_outbox(&fence, through, &events, backoff_max, &mut stop)
+                .await;
+        }
+        tracing::info!(
+            topic,
+            partition,
+            epoch = fence.epoch,
+            next_offset,
+            "Partition taken over."
+        );
+        self.owned.insert(
+            (topic.to_string(), partition),
+            Owned {
+                fence,
+                producer,
+                next_offset,
+                published_through: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        let consumer = self.consumer.clone();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let r = tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await;
+        match r {
+            Ok(Ok(tpl)) => tpl.elements().first().and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, topic, partition, "Cannot read the committed offset; publishing the whole outbox.");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn seek(&self, topic: &str, partition: i32, offset: i64) {
+        let consumer = self.consumer.clone();
+        let t = topic.to_string();
+        let r = tokio::task::spawn_blocking(move || {
+            consumer.seek(
+                &t,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            )
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            // Not fatal: messages before `offset` are skipped by the pipeline anyway.
+            tracing::debug!(error = %e, topic, partition, offset, "Seek after recovery failed.");
+        }
+    }
+}

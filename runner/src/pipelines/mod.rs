@@ -1,0 +1,101 @@
+//! The pipelines one runner hosts, each in a folder of its own: its contract with its rules
+//! (a WIT world, hosted by `sandbox/`), its evaluation, its rows and records (delivered by
+//! `delivery/`), its configuration section. What they share is here: the parts of the process
+//! every pipeline gets ([`Shared`]), and starting a pipeline's delivery loop ([`spawn`]).
+
+pub mod campaigns;
+
+use crate::clock::Clock;
+use crate::db::PostgresUrl;
+use crate::delivery::{Delivery, DeliveryConfig, PgSide, Pipeline, Source, Tables};
+use crate::events::Events;
+use crate::kafka::KafkaConfig;
+use crate::metrics::Metrics;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What every pipeline of the process gets.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub kafka: KafkaConfig,
+    pub postgres: PostgresUrl,
+    /// This process, as the owner recorded in the fences (host and a random id).
+    pub instance_id: String,
+    pub clock: Arc<dyn Clock>,
+    /// Turns true to stop: finish the unit in hand, drain, exit.
+    pub shutdown: watch::Receiver<bool>,
+    /// Turns true when the shutdown deadline passed: abandon what is in hand.
+    pub hard_stop: watch::Receiver<bool>,
+}
+
+/// A started pipeline, as the process sees it.
+#[derive(Debug)]
+pub struct Task {
+    pub events: Arc<Events>,
+    /// The delivery loop; it ends after a drain (or a hard stop).
+    pub delivery: JoinHandle<()>,
+    /// Everything else the pipeline runs (rules reloads, the broker probe, caches).
+    pub background: Vec<JoinHandle<()>>,
+    pub shutdown_timeout: Duration,
+}
+
+/// Where a pipeline reads, writes and keeps its protocol tables.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    pub group_id: String,
+    pub input_topic: String,
+    pub tables: Arc<Tables>,
+    pub delivery: DeliveryConfig,
+}
+
+/// Subscribes the pipeline's consumer, starts the broker probe, and spawns the delivery loop.
+/// The delivery tables are created first.
+pub async fn spawn<P: Pipeline>(
+    shared: &Shared,
+    wiring: Wiring,
+    pipeline: Arc<P>,
+    worker: P::Worker,
+    events: Arc<Events>,
+) -> Result<(JoinHandle<()>, JoinHandle<()>)> {
+    let pg = crate::db::connect(shared.postgres.as_str())
+        .await
+        .context("connecting to PostgreSQL")?;
+    wiring
+        .tables
+        .ensure(&pg)
+        .await
+        .context("creating the delivery tables")?;
+    drop(pg);
+    let consumer_config = shared.kafka.consumer_config(&wiring.group_id);
+    let (consumer, rebalances) = crate::source::subscribe(&consumer_config, &wiring.input_topic)
+        .context("creating the Kafka consumer")?;
+    let probe = tokio::spawn(crate::source::probe(
+        consumer_config,
+        wiring.input_topic.clone(),
+        events.clone(),
+        shared.shutdown.clone(),
+    ));
+    let pg = PgSide::new(
+        shared.postgres.as_str().to_string(),
+        wiring.tables.clone(),
+        pipeline.clone(),
+    );
+    let delivery = Delivery::new(
+        wiring.delivery,
+        pipeline,
+        worker,
+        Source {
+            consumer: Arc::new(consumer),
+            rebalances,
+        },
+        pg,
+        shared.instance_id.clone(),
+        events,
+    );
+    let task = tokio::spawn(delivery.run(shared.shutdown.clone(), shared.hard_stop.clone()));
+    Ok((task, probe))
+}
