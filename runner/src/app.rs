@@ -14,16 +14,22 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Options a test or the demo may change; production uses the defaults.
+/// Options a test or the demo may change; production uses the defaults (no configuration file
+/// reaches them).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub clock: Arc<dyn Clock>,
+    /// The broker is librdkafka's in-process mock cluster (the demo, the fast tests). It accepts
+    /// the offsets a Kafka transaction commits but does not store them, so each offset is also
+    /// committed the plain way after its transaction: that is what lets a restart resume there.
+    pub mock_cluster: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             clock: Arc::new(SystemClock),
+            mock_cluster: false,
         }
     }
 }
@@ -52,6 +58,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         postgres: config.postgres_url.clone(),
         instance_id: format!("{}-{}", hostname(), uuid::Uuid::new_v4()),
         clock: options.clock,
+        mock_cluster: options.mock_cluster,
         shutdown: shutdown_rx.clone(),
         hard_stop: hard_rx,
     };
@@ -132,13 +139,19 @@ impl Running {
                 }
             }
         }
-        for t in &mut self.tasks {
-            for task in t.background.drain(..) {
-                let _ = task.await;
+        // The rest stops at the same signal; none may hold the exit up for long.
+        let rest = self
+            .tasks
+            .iter_mut()
+            .flat_map(|t| t.background.drain(..))
+            .chain(self.status.take());
+        for mut task in rest {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
             }
-        }
-        if let Some(status) = self.status.take() {
-            let _ = status.await;
         }
         let stats = self.stats();
         tracing::info!(stats = ?stats, "Runner stopped.");

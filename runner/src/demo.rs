@@ -277,7 +277,14 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         overlay: Some(&overlay),
         env: false,
     })?;
-    let running = app::start(config, RunOptions::default()).await?;
+    let running = app::start(
+        config,
+        RunOptions {
+            mock_cluster: true,
+            ..RunOptions::default()
+        },
+    )
+    .await?;
     let rules = running.campaigns().rules.current().identity().to_string();
     println!("== Runner started with rules {rules}");
 

@@ -7,7 +7,7 @@ use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Where an input message came from.
@@ -100,6 +100,11 @@ pub struct Stats {
     pub kafka_unreachable: bool,
     /// The pipeline's own reasons to be degraded that hold now (e.g. a stale cache).
     pub conditions: Vec<&'static str>,
+    /// The partitions this runner holds, once the group has given them and each was taken
+    /// over (None: waiting for an assignment, at start or during a rebalance).
+    pub partitions: Option<usize>,
+    /// The delivery loop runs.
+    pub running: bool,
     pub rules: RulesStatus,
 }
 
@@ -117,6 +122,18 @@ impl Stats {
 
     pub fn dead_lettered(&self, code: &str) -> u64 {
         self.dead_lettered.get(code).copied().unwrap_or(0)
+    }
+
+    /// Why the pipeline is not ready to do its work (empty: ready): it has not taken over what
+    /// the group gave it, or a condition of its own holds (e.g. a stale cache).
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut r = self.conditions.clone();
+        if !self.running {
+            r.push("not_running");
+        } else if self.partitions.is_none() {
+            r.push("waiting_for_partitions");
+        }
+        r
     }
 
     /// Why the pipeline is degraded now (empty: healthy).
@@ -156,6 +173,9 @@ pub struct Events {
     kafka_unreachable: AtomicBool,
     /// The pipeline's own conditions and whether each holds.
     conditions: Mutex<BTreeMap<&'static str, bool>>,
+    /// The partitions held, +1 (0: waiting for an assignment).
+    partitions: AtomicUsize,
+    running: AtomicBool,
     rules: Mutex<RulesStatus>,
 }
 
@@ -187,6 +207,8 @@ impl Events {
             postgres_failing: AtomicBool::new(false),
             kafka_unreachable: AtomicBool::new(false),
             conditions: Mutex::default(),
+            partitions: AtomicUsize::new(0),
+            running: AtomicBool::new(false),
             rules: Mutex::default(),
         }
     }
@@ -231,8 +253,26 @@ impl Events {
                 .filter(|(_, on)| **on)
                 .map(|(c, _)| *c)
                 .collect(),
+            partitions: self.partitions.load(Ordering::Relaxed).checked_sub(1),
+            running: self.running.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
         }
+    }
+
+    /// The partitions held after a rebalance was applied (each taken over), or None while one
+    /// is in progress.
+    pub fn assignment(&self, held: Option<usize>) {
+        let was = self
+            .partitions
+            .swap(held.map_or(0, |n| n + 1), Ordering::Relaxed);
+        if held.is_some() && was == 0 {
+            tracing::info!(pipeline = %self.pipeline, partitions = held.unwrap_or(0), "Ready: every partition the group gave is taken over.");
+        }
+    }
+
+    /// The delivery loop started (true) or ended (false).
+    pub fn running(&self, running: bool) {
+        self.running.store(running, Ordering::Relaxed);
     }
 
     /// A condition of the pipeline's own that makes it degraded while it holds (reported in
@@ -247,6 +287,21 @@ impl Events {
     pub fn fenced(&self, topic: &str, partition: i32, sink: &'static str) {
         tracing::warn!(pipeline = %self.pipeline, topic, partition, sink, "Fenced: another runner owns the partition now; leaving it to that runner, writing nothing more for it.");
         self.partitions_fenced.inc();
+    }
+
+    /// A partition's transactional producer is stuck and given up (see `TxError::Stuck`); the
+    /// partition is taken over again with a new one.
+    pub fn producer_lost(&self, topic: &str, partition: i32, error: &dyn fmt::Display) {
+        tracing::error!(pipeline = %self.pipeline, topic, partition, error = %error, "A Kafka transaction is stuck; its producer is given up and the partition taken over again.");
+        self.failing("kafka").store(true, Ordering::Relaxed);
+        self.metrics
+            .sink_failing
+            .with_label_values(&[self.pipeline.as_str(), "kafka"])
+            .set(1);
+        self.metrics
+            .producers_lost
+            .with_label_values(&[self.pipeline.as_str()])
+            .inc();
     }
 
     /// Whether the broker answers the metadata probe; returns whether it changed.
@@ -443,5 +498,34 @@ impl Events {
         self.metrics.sink_failing.with_label_values(&labels).set(1);
         tracing::warn!(pipeline = %self.pipeline, sink, error = %error, attempt, backoff_ms = backoff.as_millis() as u64, "Sink write failed; retrying.");
         self.metrics.sink_retries.with_label_values(&labels).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_once_what_the_group_gave_is_taken_over() {
+        let e = Events::default();
+        assert_eq!(e.stats().not_ready(), ["not_running"]);
+        e.running(true);
+        assert_eq!(e.stats().not_ready(), ["waiting_for_partitions"]);
+        e.assignment(Some(0));
+        assert!(
+            e.stats().not_ready().is_empty(),
+            "a group with none to give"
+        );
+        e.assignment(None);
+        assert_eq!(e.stats().not_ready(), ["waiting_for_partitions"]);
+        e.assignment(Some(3));
+        assert_eq!(e.stats().partitions, Some(3));
+        e.condition("subscriber_cache_stale", true);
+        assert_eq!(e.stats().not_ready(), ["subscriber_cache_stale"]);
+        assert_eq!(e.stats().degraded(), ["subscriber_cache_stale"]);
+        e.condition("subscriber_cache_stale", false);
+        assert!(e.stats().not_ready().is_empty());
+        e.running(false);
+        assert_eq!(e.stats().not_ready(), ["not_running"]);
     }
 }

@@ -12,9 +12,6 @@ pub const RULES_SHA256: &str = "rules-sha256";
 pub const SOURCE_TOPIC: &str = "source-topic";
 pub const SOURCE_PARTITION: &str = "source-partition";
 pub const SOURCE_OFFSET: &str = "source-offset";
-/// One id per Kafka transaction attempt: records of an attempt that never committed (which a
-/// broker that does not abort it may still show) are told apart from the committed one.
-pub const TX_ATTEMPT: &str = "tx-attempt";
 pub const DLQ_REASON: &str = "dlq-reason";
 pub const DLQ_DETAIL: &str = "dlq-detail";
 pub const DLQ_FIELD: &str = "dlq-field";

@@ -150,10 +150,6 @@ impl KafkaConfig {
         c.set("auto.offset.reset", "earliest");
         // Requests go out at once, not when the previous segment is acknowledged.
         c.set("socket.nagle.disable", "true");
-        // A broker that does not answer a waiting fetch as soon as data arrives (tansu, seen
-        // here) would hold every campaign up to this long; librdkafka's default is 500 ms. Costs
-        // one empty fetch per broker every 5 ms while the input is idle.
-        c.set("fetch.wait.max.ms", "5");
         for (k, v) in self.common.iter().chain(&self.consumer) {
             c.set(k, v);
         }

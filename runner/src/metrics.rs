@@ -33,6 +33,7 @@ pub struct Metrics {
     pub(crate) batches: IntCounterVec,
     pub(crate) sink_retries: IntCounterVec,
     pub(crate) partitions_fenced: IntCounterVec,
+    pub(crate) producers_lost: IntCounterVec,
     pub(crate) skipped: IntCounterVec,
     pub(crate) dead_lettered: IntCounterVec,
     pub(crate) rules_swaps: IntCounterVec,
@@ -120,6 +121,12 @@ impl Metrics {
                 &r,
                 "partitions_fenced_total",
                 "Partitions given up because another runner claimed them.",
+                p,
+            ),
+            producers_lost: counter(
+                &r,
+                "producers_lost_total",
+                "Transactional producers given up because a call did not return; their partitions were taken over again.",
                 p,
             ),
             skipped: counter(

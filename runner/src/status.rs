@@ -1,6 +1,12 @@
-//! The HTTP status endpoint: `/health` (200, or 503 with the reasons when a pipeline is
-//! degraded), `/status` (every pipeline's counters, rules in service, latencies, as JSON) and
-//! `/metrics` (the Prometheus text exposition of the registry).
+//! The HTTP status endpoint:
+//! - `/health/live`: 200 while every pipeline's delivery loop runs (else 503): restart me if not;
+//! - `/health/ready`: 200 once every pipeline holds what the group gave it (each partition taken
+//!   over, or none to give) and its own conditions allow work (a fresh subscriber cache), else
+//!   503 with the reasons: send me work, or wait;
+//! - `/health`: 200, or 503 with the reasons when a pipeline is degraded (a sink retrying, the
+//!   broker unreachable, a stale cache);
+//! - `/status`: every pipeline's counters, rules in service, latencies, as JSON;
+//! - `/metrics`: the Prometheus text exposition of the registry.
 
 use crate::events::Events;
 use crate::metrics::Metrics;
@@ -31,6 +37,8 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
         .with_state(Reported { pipelines, metrics });
@@ -63,6 +71,52 @@ fn degraded(pipelines: &[Arc<Events>]) -> (Vec<&'static str>, serde_json::Value)
         per.insert(e.pipeline().to_string(), serde_json::json!(reasons));
     }
     (all, serde_json::Value::Object(per))
+}
+
+/// 200 with `body` when `reasons` is empty, else 503.
+fn answer(
+    reasons: Vec<(String, Vec<&'static str>)>,
+    key: &str,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let ok = reasons.iter().all(|(_, r)| r.is_empty());
+    let per: serde_json::Map<String, serde_json::Value> = reasons
+        .into_iter()
+        .map(|(p, r)| (p, serde_json::json!(r)))
+        .collect();
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(serde_json::json!({ key: ok, "pipelines": per })))
+}
+
+async fn live(State(r): State<Reported>) -> impl IntoResponse {
+    answer(
+        r.pipelines
+            .iter()
+            .map(|e| {
+                let s = e.stats();
+                let reasons = if s.running {
+                    vec![]
+                } else {
+                    vec!["not_running"]
+                };
+                (e.pipeline().to_string(), reasons)
+            })
+            .collect(),
+        "live",
+    )
+}
+
+async fn ready(State(r): State<Reported>) -> impl IntoResponse {
+    answer(
+        r.pipelines
+            .iter()
+            .map(|e| (e.pipeline().to_string(), e.stats().not_ready()))
+            .collect(),
+        "ready",
+    )
 }
 
 async fn health(State(r): State<Reported>) -> impl IntoResponse {

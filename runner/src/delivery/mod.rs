@@ -34,10 +34,11 @@ use crate::headers::{self, HeaderList};
 use crate::retry::{stopped, Abandoned};
 use crate::sandbox::RulesIdentity;
 use crate::source::{RebalanceEvent, Rebalances, SourceConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::ClientConfig;
 use stage::{unix_micros, Done, Job, Publisher, Stage};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,6 +161,9 @@ pub struct DeliveryConfig {
     /// `transactional.id` = this prefix + input topic + partition.
     pub transactional_prefix: String,
     pub producer: ClientConfig,
+    /// Also commit each offset the plain way after its transaction: only for librdkafka's mock
+    /// cluster, which does not store transactional offset commits.
+    pub plain_offset_commits: bool,
 }
 
 /// A partition this runner owns: its fence, its transactional producer, and the next offset
@@ -196,6 +200,9 @@ pub struct Delivery<P: Pipeline> {
     unit_sinks: Vec<PgSide<P>>,
     events: Arc<Events>,
     owned: HashMap<Key, Owned>,
+    /// Partitions whose producer was lost (stuck): taken over again while they are assigned to
+    /// this runner.
+    lost: BTreeSet<Key>,
     publisher: Publisher,
     /// The Kafka stage, started by `run`.
     stage: Option<Stage<P>>,
@@ -243,6 +250,7 @@ impl<P: Pipeline> Delivery<P> {
             output_topic: cfg.output_topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             retry_max_backoff: cfg.sink_retry_max_backoff,
+            plain_offset_commits: cfg.plain_offset_commits,
         };
         Delivery {
             unit_sinks,
@@ -255,6 +263,7 @@ impl<P: Pipeline> Delivery<P> {
             pg,
             events,
             owned: HashMap::new(),
+            lost: BTreeSet::new(),
             publisher,
             stage: None,
         }
@@ -278,6 +287,12 @@ impl<P: Pipeline> Delivery<P> {
             Done::Fenced { key, epoch } => {
                 if self.owned.get(&key).is_some_and(|o| o.fence.epoch == epoch) {
                     self.owned.remove(&key);
+                }
+            }
+            Done::Lost { key, epoch } => {
+                if self.owned.get(&key).is_some_and(|o| o.fence.epoch == epoch) {
+                    self.owned.remove(&key);
+                    self.lost.insert(key);
                 }
             }
             Done::Abandoned => return Err(Abandoned),
@@ -317,6 +332,7 @@ impl<P: Pipeline> Delivery<P> {
             2 * self.cfg.batch_max_weight,
             hard_stop.clone(),
         ));
+        self.events.running(true);
         // The unit connections are made up front (a failure here is retried by the first unit
         // that needs the connection).
         let warm = futures::future::join_all(self.unit_sinks.iter_mut().map(|s| s.warm_up()));
@@ -330,6 +346,9 @@ impl<P: Pipeline> Delivery<P> {
                 break;
             }
             if self.apply_rebalances(hard_stop.clone()).await.is_err() {
+                break;
+            }
+            if self.retake_lost(hard_stop.clone()).await.is_err() {
                 break;
             }
             let first = tokio::select! {
@@ -379,6 +398,7 @@ impl<P: Pipeline> Delivery<P> {
             tracing::warn!("Stopping hard: units written to PostgreSQL stay in the outbox; they are published by whoever takes their partitions over.");
         }
         tracing::info!("Pipeline drained.");
+        self.events.running(false);
     }
 
     /// Takes more messages after the first: every one already fetched (natural batching: the
@@ -428,6 +448,7 @@ impl<P: Pipeline> Delivery<P> {
         for event in events {
             match event {
                 RebalanceEvent::Revoked(parts) => {
+                    self.events.assignment(None);
                     for p in parts {
                         self.owned.remove(&p);
                     }
@@ -438,7 +459,33 @@ impl<P: Pipeline> Delivery<P> {
                             self.recover(&topic, partition, stop.clone()).await?;
                         }
                     }
+                    // Every partition the group gave us is taken over (or it gave none).
+                    self.events.assignment(Some(self.owned.len()));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the partitions whose producer was lost over again, those still assigned to this
+    /// runner (a new producer with the same transactional id fences the lost one).
+    async fn retake_lost(&mut self, stop: watch::Receiver<bool>) -> Result<(), Abandoned> {
+        if self.lost.is_empty() {
+            return Ok(());
+        }
+        // What the lost lanes held is handed back first: nothing of ours is in flight.
+        self.drain().await?;
+        let assigned = self.consumer.assignment().map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect::<BTreeSet<Key>>()
+        });
+        for key in std::mem::take(&mut self.lost) {
+            let mine = assigned.as_ref().is_ok_and(|a| a.contains(&key));
+            if mine && !self.owned.contains_key(&key) {
+                tracing::warn!(topic = %key.0, partition = key.1, "Taking the partition over again: its producer was given up.");
+                self.recover(&key.0, key.1, stop.clone()).await?;
             }
         }
         Ok(())

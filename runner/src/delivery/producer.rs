@@ -8,7 +8,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, TopicPartitionList};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +34,20 @@ pub enum TxError {
     /// The transaction was aborted (or never committed): nothing of it is visible; try again.
     #[error("the transaction failed and was aborted: {0}")]
     Retry(KafkaError),
+    /// A transactional call did not return long after its own timeout (librdkafka can wait on a
+    /// coordinator that is gone without ever timing out: confluentinc/librdkafka#5456, #5511).
+    /// The producer cannot be used any more: a new one with the same transactional id takes its
+    /// place, which fences it and aborts its open transaction.
+    #[error("{0} did not return within {1:?}; the producer is given up")]
+    Stuck(&'static str, Duration),
 }
+
+/// How long past its own timeout a transactional call may take before it is taken for stuck.
+const STUCK_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a transactional call is made again while it fails with a retriable error (the
+/// broker's default transaction timeout: past it the coordinator aborts the transaction).
+const RETRIABLE_FOR: Duration = Duration::from_secs(60);
 
 /// Errors after which this runner must stop writing for the partition: the producer was
 /// fenced, or the consumer is no longer a member of the generation that owns the partition (for
@@ -132,6 +145,7 @@ pub struct TxSteps {
 pub struct TxProducer {
     producer: ThreadedProducer<Deliveries>,
     timeout: Duration,
+    id: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for TxProducer {
@@ -152,29 +166,88 @@ impl TxProducer {
         config.set("transactional.id", transactional_id);
         let producer = ThreadedProducer::from_config_and_context(&config, Deliveries::default())?;
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
-            .await
-            .map_err(|_| KafkaError::Canceled)??;
-        Ok(TxProducer { producer, timeout })
-    }
-
-    async fn blocking(
-        &self,
-        f: impl FnOnce(&ThreadedProducer<Deliveries>, Duration) -> Result<(), KafkaError>
-            + Send
-            + 'static,
-    ) -> Result<(), KafkaError> {
-        let p = self.producer.clone();
-        let t = self.timeout;
-        tokio::task::spawn_blocking(move || f(&p, t))
+        let init = tokio::task::spawn_blocking(move || p.init_transactions(timeout));
+        // init_transactions waits on the transaction coordinator too: bounded the same way.
+        tokio::time::timeout(timeout + STUCK_GRACE, init)
             .await
             .map_err(|_| KafkaError::Canceled)?
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(TxProducer {
+            producer,
+            timeout,
+            id: transactional_id.into(),
+        })
     }
 
-    async fn abort(&self) {
-        if let Err(e) = self.blocking(|p, t| p.abort_transaction(t)).await {
-            tracing::warn!(error = %e, "Aborting the Kafka transaction failed.");
+    /// Runs a blocking transactional call with the producer's timeout, on a blocking thread,
+    /// and gives up waiting for it `STUCK_GRACE` after that timeout (the call, if it ever
+    /// returns, then finds the producer fenced).
+    async fn blocking<F>(&self, what: &'static str, f: F) -> Result<Result<(), KafkaError>, TxError>
+    where
+        F: FnOnce(&ThreadedProducer<Deliveries>, Duration) -> Result<(), KafkaError>
+            + Send
+            + 'static,
+    {
+        let p = self.producer.clone();
+        let t = self.timeout;
+        let limit = t + STUCK_GRACE;
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || f(&p, t))).await {
+            Ok(r) => Ok(r.unwrap_or(Err(KafkaError::Canceled))),
+            Err(_) => Err(TxError::Stuck(what, limit)),
         }
+    }
+
+    /// A transactional call, made again while librdkafka says its error is retriable: a
+    /// commit (or abort, or offsets) that timed out goes on in the background and is resumed by
+    /// calling it again, never by another call. Past `RETRIABLE_FOR` the producer is taken for
+    /// stuck. Ok(Err): the call failed for good (abortable or fatal).
+    async fn call<F>(&self, what: &'static str, f: F) -> Result<Result<(), KafkaError>, TxError>
+    where
+        F: Fn(&ThreadedProducer<Deliveries>, Duration) -> Result<(), KafkaError>
+            + Clone
+            + Send
+            + 'static,
+    {
+        let deadline = std::time::Instant::now() + RETRIABLE_FOR;
+        loop {
+            match self.blocking(what, f.clone()).await? {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(TxError::Stuck(what, RETRIABLE_FOR));
+                    }
+                    tracing::debug!(id = &*self.id, what, error = %e, "Transactional call failed with a retriable error; calling it again.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return Ok(r),
+            }
+        }
+    }
+
+    /// Aborts the transaction (again while retriable); Err only when the producer is stuck or
+    /// cannot abort (fatal: it is given up like a fenced one).
+    async fn abort(&self) -> Result<(), TxError> {
+        match self
+            .call("abort_transaction", |p, t| p.abort_transaction(t))
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(id = &*self.id, error = %e, "Aborting the Kafka transaction failed.");
+                Err(TxError::Fenced(e))
+            }
+        }
+    }
+
+    /// A transaction that failed with `e`: aborted when librdkafka says it must (or may) be,
+    /// given up when the producer cannot go on (fatal, fenced).
+    async fn failed(&self, e: KafkaError) -> TxError {
+        let e = classify(e);
+        if let TxError::Retry(_) = &e {
+            if let Err(stuck_or_fatal) = self.abort().await {
+                return stuck_or_fatal;
+            }
+        }
+        e
     }
 
     /// Produces every record and commits `offsets` for the group, all in one transaction.
@@ -186,19 +259,16 @@ impl TxProducer {
     ) -> Result<TxSteps, TxError> {
         let deliveries = self.producer.context();
         let start = std::time::Instant::now();
+        let id = &*self.id;
         // Records of an earlier, aborted transaction are reported (purged) before this one
         // starts, so their failures are not taken for this one's.
         deliveries.settled().await;
         deliveries.take_failure();
+        tracing::debug!(id, records = records.len(), "Kafka transaction: begin.");
         self.producer.begin_transaction().map_err(classify)?;
-        let attempt = uuid::Uuid::new_v4().to_string();
         for r in records {
             loop {
-                let headers = r.headers.clone().insert(Header {
-                    key: crate::headers::TX_ATTEMPT,
-                    value: Some(attempt.as_bytes()),
-                });
-                let mut rec = BaseRecord::<[u8], [u8]>::to(r.topic).headers(headers);
+                let mut rec = BaseRecord::<[u8], [u8]>::to(r.topic).headers(r.headers.clone());
                 if let Some(k) = r.key {
                     rec = rec.key(k);
                 }
@@ -214,8 +284,7 @@ impl TxProducer {
                             tokio::time::sleep(Duration::from_millis(2)).await;
                             continue;
                         }
-                        self.abort().await;
-                        return Err(classify(e));
+                        return Err(self.failed(e).await);
                     }
                 }
             }
@@ -226,25 +295,28 @@ impl TxProducer {
         // (measured: a 9 ms transaction became 100 ms).
         deliveries.settled().await;
         if let Some(e) = deliveries.take_failure() {
-            self.abort().await;
-            return Err(classify(e));
+            return Err(self.failed(e).await);
         }
         let produced = std::time::Instant::now();
+        tracing::debug!(id, "Kafka transaction: acknowledged; adding offsets.");
+        let group = std::sync::Arc::new(group);
         let sent = self
-            .blocking(move |p, t| p.send_offsets_to_transaction(&offsets, &group, t))
-            .await;
-        let offsets_added = std::time::Instant::now();
-        let committed = match sent {
-            Ok(()) => self.blocking(|p, t| p.commit_transaction(t)).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = committed {
-            let e = classify(e);
-            if matches!(e, TxError::Retry(_)) {
-                self.abort().await;
-            }
-            return Err(e);
+            .call("send_offsets_to_transaction", move |p, t| {
+                p.send_offsets_to_transaction(&offsets, &group, t)
+            })
+            .await?;
+        if let Err(e) = sent {
+            return Err(self.failed(e).await);
         }
+        let offsets_added = std::time::Instant::now();
+        tracing::debug!(id, "Kafka transaction: offsets added; committing.");
+        if let Err(e) = self
+            .call("commit_transaction", |p, t| p.commit_transaction(t))
+            .await?
+        {
+            return Err(self.failed(e).await);
+        }
+        tracing::debug!(id, "Kafka transaction: committed.");
         Ok(TxSteps {
             produce: produced - start,
             offsets: offsets_added - produced,

@@ -38,12 +38,23 @@ pub(crate) struct Publisher {
     pub(crate) output_topic: String,
     pub(crate) dead_letter_topic: String,
     pub(crate) retry_max_backoff: Duration,
+    /// See `DeliveryConfig::plain_offset_commits`.
+    pub(crate) plain_offset_commits: bool,
+}
+
+/// What became of a Kafka transaction (after its retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flight {
+    Published,
+    /// The partition is not ours any more (another producer fenced ours).
+    Fenced,
+    /// The producer is stuck and given up: the partition must be taken over again.
+    Lost,
 }
 
 impl Publisher {
     /// Publishes what was kept of each unit's entries and commits the offset past `last`, in
-    /// one transaction, retrying aborted transactions. Ok(false): fenced, the partition is not
-    /// ours any more.
+    /// one transaction, retrying aborted transactions.
     pub(crate) async fn publish(
         &self,
         producer: &TxProducer,
@@ -51,7 +62,7 @@ impl Publisher {
         last: i64,
         units: &[(&[OutboxEntry], &[Kept])],
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool, Abandoned> {
+    ) -> Result<Flight, Abandoned> {
         let records: Vec<Records<'_>> = units
             .iter()
             .map(|(entries, kept)| Records::of(entries, kept))
@@ -84,13 +95,19 @@ impl Publisher {
                     ] {
                         self.events.stage_time(name, d.as_micros() as u64);
                     }
-                    self.commit_plain(topic, partition, last + 1);
-                    return Ok(true);
+                    if self.plain_offset_commits {
+                        self.commit_plain(topic, partition, last + 1);
+                    }
+                    return Ok(Flight::Published);
                 }
                 Err(TxError::Fenced(e)) => {
                     tracing::warn!(error = %e, topic, partition, "The Kafka transaction was fenced.");
                     self.events.fenced(topic, partition, "kafka");
-                    return Ok(false);
+                    return Ok(Flight::Fenced);
+                }
+                Err(e @ TxError::Stuck(..)) => {
+                    self.events.producer_lost(topic, partition, &e);
+                    return Ok(Flight::Lost);
                 }
                 Err(TxError::Retry(e)) => {
                     backoff
@@ -103,9 +120,8 @@ impl Publisher {
         }
     }
 
-    /// Commits `next` the ordinary way too, after the transaction committed it. Redundant on a
-    /// broker that implements transactional offset commits; librdkafka's mock cluster accepts
-    /// TxnOffsetCommit but does not store it, and this is what lets a restart resume there.
+    /// Commits `next` the ordinary way too, after the transaction committed it: only on
+    /// librdkafka's mock cluster, which accepts TxnOffsetCommit but does not store it.
     fn commit_plain(&self, topic: &str, partition: i32, next: i64) {
         let mut tpl = TopicPartitionList::new();
         if tpl
@@ -208,6 +224,9 @@ pub(crate) enum Done {
     /// Another runner owns the partition now (or the group moved on): this unit, and the
     /// partition's later units held by the same epoch, are left to whoever recovers it.
     Fenced { key: (String, i32), epoch: i64 },
+    /// The partition's producer is stuck and given up: this unit and the partition's later
+    /// units held by the same epoch stay in the outbox; the partition is taken over again.
+    Lost { key: (String, i32), epoch: i64 },
     /// The runner is stopping hard: the stage ended; what it held stays in the outbox.
     Abandoned,
 }
@@ -318,7 +337,7 @@ async fn flight<D>(
     lane: Lane,
     group: Vec<Job<D>>,
     mut stop: watch::Receiver<bool>,
-) -> (Lane, Vec<Job<D>>, Result<bool, Abandoned>) {
+) -> (Lane, Vec<Job<D>>, Result<Flight, Abandoned>) {
     let events = &publisher.events;
     for job in &group {
         events.stage_time(
@@ -336,7 +355,7 @@ async fn flight<D>(
     let result = publisher
         .publish(&group[0].producer, (&key.0, key.1), last, &units, &mut stop)
         .await;
-    if let Ok(true) = result {
+    if let Ok(Flight::Published) = result {
         events.stage_time(stage::KAFKA, t.elapsed().as_micros() as u64);
     }
     (lane, group, result)
@@ -354,9 +373,9 @@ async fn run<P: Pipeline>(
     done: mpsc::UnboundedSender<Done>,
     stop: watch::Receiver<bool>,
 ) {
-    // Lanes whose Kafka transaction was fenced: their later units are not published by this
-    // runner.
-    let mut fenced: HashSet<Lane> = HashSet::new();
+    // Lanes whose producer was fenced or lost: their later units are not published by this
+    // runner (they are handed back with the same verdict).
+    let mut ended: HashMap<Lane, Flight> = HashMap::new();
     // Units handed over and not yet in a transaction, per lane, in order.
     let mut waiting: HashMap<Lane, Vec<Job<P::Delivery>>> = HashMap::new();
     // Lanes with a transaction in flight.
@@ -371,23 +390,23 @@ async fn run<P: Pipeline>(
             },
             Some((lane, group, result)) = flights.next(), if !flights.is_empty() => {
                 busy.remove(&lane);
-                let published: bool = match result {
-                    Ok(published) => published,
+                let flight = match result {
+                    Ok(flight) => flight,
                     Err(Abandoned) => {
                         let _ = done.send(Done::Abandoned);
                         return;
                     }
                 };
-                if !published {
-                    fenced.insert(lane);
+                if flight != Flight::Published {
+                    ended.insert(lane, flight);
                 }
-                if finish(&*pipeline, &publisher.events, group, published, &done).is_err() {
+                if finish(&*pipeline, &publisher.events, group, flight, &done).is_err() {
                     return;
                 }
             },
             else => break,
         }
-        // Every idle lane with units waiting starts its next transaction (a fenced lane's
+        // Every idle lane with units waiting starts its next transaction (an ended lane's
         // units are handed back at once).
         let ready: Vec<Lane> = waiting
             .keys()
@@ -396,8 +415,8 @@ async fn run<P: Pipeline>(
             .collect();
         for lane in ready {
             let group = waiting.remove(&lane).expect("a waiting lane");
-            if fenced.contains(&lane) {
-                if finish(&*pipeline, &publisher.events, group, false, &done).is_err() {
+            if let Some(flight) = ended.get(&lane).copied() {
+                if finish(&*pipeline, &publisher.events, group, flight, &done).is_err() {
                     return;
                 }
                 continue;
@@ -414,25 +433,25 @@ fn finish<P: Pipeline>(
     pipeline: &P,
     events: &Events,
     group: Vec<Job<P::Delivery>>,
-    published: bool,
+    flight: Flight,
     done: &mpsc::UnboundedSender<Done>,
 ) -> Result<(), mpsc::error::SendError<Done>> {
     for job in group {
-        let outcome = if published {
-            report(pipeline, events, &job.group, &job.rules);
-            record_latency(events, &job.group);
-            let drafts = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
-            events.batch_committed(job.group.len(), drafts, job.started.elapsed());
-            Done::Published {
-                key: job.key,
-                epoch: job.epoch,
-                last: job.last,
+        let (key, epoch) = (job.key, job.epoch);
+        let outcome = match flight {
+            Flight::Published => {
+                report(pipeline, events, &job.group, &job.rules);
+                record_latency(events, &job.group);
+                let drafts = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
+                events.batch_committed(job.group.len(), drafts, job.started.elapsed());
+                Done::Published {
+                    key,
+                    epoch,
+                    last: job.last,
+                }
             }
-        } else {
-            Done::Fenced {
-                key: job.key,
-                epoch: job.epoch,
-            }
+            Flight::Fenced => Done::Fenced { key, epoch },
+            Flight::Lost => Done::Lost { key, epoch },
         };
         done.send(outcome)?;
     }

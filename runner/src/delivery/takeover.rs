@@ -7,6 +7,7 @@
 
 use super::outbox::{Kept, OutboxEntry};
 use super::producer::TxProducer;
+use super::stage::Flight;
 use super::{Delivery, Owned, Pipeline};
 use crate::retry::{Abandoned, Backoff};
 use rdkafka::consumer::Consumer;
@@ -53,7 +54,7 @@ impl<P: Pipeline> Delivery<P> {
             )
             .await
             .map_err(|_| Abandoned)?;
-        let committed = self.committed_offset(topic, partition).await;
+        let committed = self.committed_offset(topic, partition, &mut stop).await?;
         let outbox = self
             .pg
             .load_outbox(&fence, &events, backoff_max, &mut stop)
@@ -66,7 +67,7 @@ impl<P: Pipeline> Delivery<P> {
         let mut next_offset = committed.unwrap_or(0);
         if let Some(last) = pending.last().map(|e| e.source_offset) {
             let kept = Kept::all(&pending);
-            if !self
+            let flight = self
                 .publisher
                 .publish(
                     &producer,
@@ -75,9 +76,15 @@ impl<P: Pipeline> Delivery<P> {
                     &[(&pending, &kept)],
                     &mut stop,
                 )
-                .await?
-            {
-                return Ok(());
+                .await?;
+            match flight {
+                Flight::Published => {}
+                Flight::Fenced => return Ok(()),
+                // Tried again by the loop while the partition is assigned to this runner.
+                Flight::Lost => {
+                    self.lost.insert((topic.to_string(), partition));
+                    return Ok(());
+                }
             }
             tracing::info!(
                 topic,
@@ -91,8 +98,10 @@ impl<P: Pipeline> Delivery<P> {
                 "Recovered: outbox published."
             );
             next_offset = last + 1;
-            self.seek(topic, partition, next_offset).await;
         }
+        // Where this runner goes on from: past the outbox, or the committed offset. A partition
+        // taken over again (its producer lost) has been consumed further already.
+        self.seek(topic, partition, next_offset).await;
         if let Some(through) = next_offset.checked_sub(1) {
             let _ = self
                 .pg
@@ -118,24 +127,41 @@ impl<P: Pipeline> Delivery<P> {
         Ok(())
     }
 
-    async fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
-        let consumer = self.consumer.clone();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        let r = tokio::task::spawn_blocking(move || {
-            consumer.committed_offsets(tpl, Duration::from_secs(10))
-        })
-        .await;
-        match r {
-            Ok(Ok(tpl)) => tpl.elements().first().and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, topic, partition, "Cannot read the committed offset; publishing the whole outbox.");
-                None
-            }
-            Err(_) => None,
+    /// The group's committed offset of the partition (None: nothing committed yet). A failed
+    /// read is retried, never taken for "nothing committed": that would publish again what the
+    /// outbox still holds of units already published.
+    async fn committed_offset(
+        &self,
+        topic: &str,
+        partition: i32,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<i64>, Abandoned> {
+        let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
+        loop {
+            let consumer = self.consumer.clone();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            let r = tokio::task::spawn_blocking(move || {
+                consumer.committed_offsets(tpl, Duration::from_secs(10))
+            })
+            .await;
+            let error = match r {
+                Ok(Ok(tpl)) => {
+                    let element = tpl.elements().into_iter().next();
+                    match element.map(|e| (e.offset(), e.error())) {
+                        Some((_, Err(e))) => e.to_string(),
+                        Some((Offset::Offset(o), Ok(()))) => return Ok(Some(o)),
+                        _ => return Ok(None),
+                    }
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            backoff
+                .wait(stop, |attempt, pause| {
+                    tracing::warn!(error, topic, partition, attempt, backoff_ms = pause.as_millis() as u64, "Cannot read the committed offset of a partition being taken over; retrying.")
+                })
+                .await?;
         }
     }
 
@@ -152,7 +178,8 @@ impl<P: Pipeline> Delivery<P> {
         })
         .await;
         if let Ok(Err(e)) = r {
-            // Not fatal: messages before `offset` are skipped by the pipeline anyway.
+            // Not fatal on a new assignment: consuming starts at the committed offset, and
+            // messages before `offset` are skipped by the pipeline anyway.
             tracing::debug!(error = %e, topic, partition, offset, "Seek after recovery failed.");
         }
     }

@@ -26,6 +26,8 @@ pub struct Shared {
     /// This process, as the owner recorded in the fences (host and a random id).
     pub instance_id: String,
     pub clock: Arc<dyn Clock>,
+    /// The broker is librdkafka's mock cluster (see `app::RunOptions`).
+    pub mock_cluster: bool,
     /// Turns true to stop: finish the unit in hand, drain, exit.
     pub shutdown: watch::Receiver<bool>,
     /// Turns true when the shutdown deadline passed: abandon what is in hand.

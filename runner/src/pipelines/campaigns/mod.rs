@@ -314,6 +314,7 @@ pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, T
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             transactional_prefix: format!("campaign-runner-{}", cfg.group_id),
             producer: shared.kafka.producer_config(),
+            plain_offset_commits: shared.mock_cluster,
         },
     };
     let worker = CampaignWorker {
