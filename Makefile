@@ -49,10 +49,10 @@ test: transforms
 	@bash scripts/drop-test-dbs.sh
 	cargo test --workspace --no-fail-fast
 
-## A long crash loop against tansu (kill -9 at random moments), e.g. CRASH_LOOPS=200.
+## A long crash loop against Apache Kafka (kill -9 at random moments), e.g. CRASH_LOOPS=200.
 CRASH_LOOPS ?= 200
 crash-loop: build
-	CRASH_LOOPS=$(CRASH_LOOPS) cargo test -p e2e-tests --test tansu -- --nocapture kill_dash_nine
+	CRASH_LOOPS=$(CRASH_LOOPS) cargo test -p e2e-tests --test kafka -- --nocapture kill_dash_nine
 
 ## Benchmarks (release build; figures, never assertions). Results: bench-results/*.md, *.json.
 BENCH := $(CARGO_TARGET_DIR)/release/bench

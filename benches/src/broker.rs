@@ -1,5 +1,6 @@
-//! The Kafka-protocol broker a workload runs against: the tansu process when it is installed
-//! (scripts/tansu.sh), librdkafka's mock cluster otherwise. Reports carry which one it was.
+//! The Kafka broker a workload runs against: a real Apache Kafka broker (scripts/kafka.sh, one
+//! node, KRaft) when it can be started, librdkafka's mock cluster otherwise. Reports carry which
+//! one it was.
 
 use anyhow::Result;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -15,57 +16,62 @@ use std::process::Command;
 /// transactional producer of its own.
 pub const INPUT_PARTITIONS: i32 = 4;
 
+const SCRIPT: &str = "scripts/kafka.sh";
+
 pub enum Broker {
-    Tansu { port: u16 },
+    Kafka { name: String, brokers: String },
     Mock(MockCluster<'static, DefaultProducerContext>),
+}
+
+/// `scripts/kafka.sh ARGS`: its stdout, or why it failed.
+fn kafka_sh(args: &[&str]) -> Result<String> {
+    let out = Command::new("bash").arg(SCRIPT).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 impl Broker {
     pub fn start() -> Result<Broker> {
-        let script = std::path::Path::new("scripts/tansu.sh");
-        if script.exists()
-            && Command::new("bash")
-                .arg(script)
-                .arg("install")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let out = Command::new("bash")
-                .arg(script)
-                .args(["start", &port.to_string()])
-                .output()?;
-            if out.status.success() {
-                return Ok(Broker::Tansu { port });
+        if std::path::Path::new(SCRIPT).exists() {
+            let name = format!("bench-{}", uuid::Uuid::new_v4().simple());
+            match kafka_sh(&["start", &name]) {
+                Ok(brokers) => return Ok(Broker::Kafka { name, brokers }),
+                Err(e) => {
+                    let _ = kafka_sh(&["wipe", &name]);
+                    eprintln!("bench: Apache Kafka did not start ({e}); using the mock cluster");
+                }
             }
-            eprintln!(
-                "bench: tansu did not start ({}); using the mock cluster",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
         }
         Ok(Broker::Mock(MockCluster::new(1)?))
     }
 
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> String {
         match self {
-            Broker::Tansu { .. } => "tansu broker process",
-            Broker::Mock(_) => "librdkafka mock cluster (in-process)",
+            Broker::Kafka { .. } => format!(
+                "Apache Kafka {} broker process (one node, KRaft, scripts/kafka.sh)",
+                kafka_version()
+            ),
+            Broker::Mock(_) => "librdkafka mock cluster (in-process)".into(),
         }
     }
 
     pub fn brokers(&self) -> String {
         match self {
-            Broker::Tansu { port } => format!("127.0.0.1:{port}"),
+            Broker::Kafka { brokers, .. } => brokers.clone(),
             Broker::Mock(m) => m.bootstrap_servers(),
         }
     }
 
     /// Creates fresh input/output/dead-letter topics and starts a runner on them in-process;
-    /// `rules_extra` is more TOML for its `[pipelines.campaigns.rules]` section. Returns it and its input topic.
-    /// `BENCH_KAFKA_PROPERTIES`, TOML lines such as `"socket.nagle.disable" = "false"`, go to
-    /// the runner's `[kafka.properties]`: for comparing client settings back to back.
+    /// `rules_extra` is more TOML for its `[pipelines.campaigns.rules]` section. Returns it and
+    /// its input topic. `BENCH_KAFKA_PROPERTIES`, TOML lines such as `"socket.nagle.disable" =
+    /// "false"`, go to the runner's `[kafka.properties]`, and `BENCH_PIPELINE`, TOML lines such
+    /// as `parallel_units = 2`, to its `[pipelines.campaigns]`: for comparing settings back to
+    /// back.
     pub async fn start_runner(
         &self,
         url: &str,
@@ -80,10 +86,11 @@ impl Broker {
         let overlay = format!(
             "[kafka]\nbrokers = \"{}\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
              [kafka.properties]\n{}\n[postgres]\nurl = \"{url}\"\n\
-             [pipelines.campaigns]\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\ngroup_id = \"bench-{id}\"\n\
+             [pipelines.campaigns]\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dlq}\"\ngroup_id = \"bench-{id}\"\n{}\n\
              [pipelines.campaigns.rules]\npath = \"{}\"\n{rules_extra}",
             self.brokers(),
             std::env::var("BENCH_KAFKA_PROPERTIES").unwrap_or_default(),
+            std::env::var("BENCH_PIPELINE").unwrap_or_default(),
             rules.display()
         );
         let config = Config::load(&Sources {
@@ -91,13 +98,17 @@ impl Broker {
             overlay: Some(&overlay),
             env: false,
         })?;
-        Ok((app::start(config, RunOptions::default()).await?, input))
+        let options = RunOptions {
+            mock_cluster: matches!(self, Broker::Mock(_)),
+            ..RunOptions::default()
+        };
+        Ok((app::start(config, options).await?, input))
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
         match self {
             Broker::Mock(m) => Ok(m.create_topic(name, partitions, 1)?),
-            Broker::Tansu { .. } => {
+            Broker::Kafka { .. } => {
                 let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                     .set("bootstrap.servers", self.brokers())
                     .create()?;
@@ -116,13 +127,21 @@ impl Broker {
     }
 }
 
+/// The Apache Kafka version scripts/kafka.sh pins.
+fn kafka_version() -> String {
+    std::fs::read_to_string("scripts/kafka/pom.xml")
+        .ok()
+        .and_then(|pom| {
+            let (_, rest) = pom.split_once("<kafka.version>")?;
+            Some(rest.split_once('<')?.0.to_string())
+        })
+        .unwrap_or_else(|| "4.x".into())
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Broker::Tansu { port } = self {
-            let _ = Command::new("bash")
-                .arg("scripts/tansu.sh")
-                .args(["stop", &port.to_string()])
-                .output();
+        if let Broker::Kafka { name, .. } = self {
+            let _ = kafka_sh(&["wipe", name]);
         }
     }
 }

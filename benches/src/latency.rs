@@ -5,8 +5,8 @@
 //! within its bucket). The load runs for 2 x `secs` in slices that
 //! alternate: quiet, then swapping (the rules file replaced v1 <-> v2 `swaps_per_slice` times),
 //! and so on. The p99 added by swapping is the swapping slices' p99 minus the quiet slices'.
-//! Interleaving matters: a broker that slows down over a run (tansu does) would otherwise be
-//! counted as swap cost, as it was when the swapping phase simply followed the quiet one.
+//! Interleaving matters: a machine or broker that slows down over a run would otherwise be
+//! counted as swap cost.
 
 use crate::broker::Broker;
 use crate::report::Report;
@@ -101,8 +101,7 @@ pub async fn run(
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut label = String::new();
     for run in 1..=runs {
-        // Each run on a fresh broker, database and runner: tansu keeps topics in memory and
-        // was measured to slow down run after run on one process (fetch and Kafka stages).
+        // Each run on a fresh broker, database and runner.
         let broker = Broker::start()?;
         let url = e2e_tests::fresh_database(admin_url, "bench_latency").await?;
         let c = runner::db::connect(&url).await?;

@@ -234,9 +234,17 @@ fn merge_toml(base: &str, extra: &str) -> String {
     base.to_string()
 }
 
+/// Starts a runner in-process against the mock cluster.
 pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     init_logging();
-    app::start(config, options).await
+    app::start(
+        config,
+        RunOptions {
+            mock_cluster: true,
+            ..options
+        },
+    )
+    .await
 }
 
 /// Stops a runner (an ordered drain) and returns the campaign pipeline's counters.

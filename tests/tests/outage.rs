@@ -78,6 +78,7 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
         config(&kafka, &db, extra),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;
@@ -217,6 +218,7 @@ async fn postgres_down_for_30_s_loses_and_doubles_nothing() -> anyhow::Result<()
         config(&kafka, &db, "[status]\nlisten = \"127.0.0.1:0\"\n"),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;

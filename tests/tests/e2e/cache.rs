@@ -54,6 +54,7 @@ async fn inserts_deletes_and_updates_reach_the_join_within_a_second() -> anyhow:
         config(&kafka, &db, ""),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;
@@ -179,6 +180,7 @@ async fn a_lost_connection_leads_to_a_full_resync() -> anyhow::Result<()> {
         config(&kafka, &db, ""),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;

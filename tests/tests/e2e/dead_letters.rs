@@ -29,6 +29,7 @@ async fn each_invalid_input_class_is_dead_lettered_with_its_code() -> anyhow::Re
         ),
         RunOptions {
             clock: Arc::new(FixedClock(SPEC_NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;

@@ -33,6 +33,7 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
         config(&kafka, &db, &extra),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;

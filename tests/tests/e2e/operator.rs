@@ -24,6 +24,7 @@ async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
         config(&kafka, &db, ""),
         RunOptions {
             clock: Arc::new(FixedClock(1_659_304_828)),
+            ..RunOptions::default()
         },
     )
     .await?;

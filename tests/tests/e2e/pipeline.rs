@@ -16,6 +16,7 @@ const R1: &str = "123e4567-e89b-12d3-a456-426614174001";
 fn fixed(now: i64) -> RunOptions {
     RunOptions {
         clock: Arc::new(FixedClock(now)),
+        ..RunOptions::default()
     }
 }
 

@@ -23,6 +23,7 @@ async fn restart_resumes_from_the_committed_offset() -> anyhow::Result<()> {
     );
     let opts = RunOptions {
         clock: Arc::new(FixedClock(NOW)),
+        ..RunOptions::default()
     };
     let ids: Vec<String> = (0..6)
         .map(|i| format!("00000000-0000-4000-8000-{i:012}"))

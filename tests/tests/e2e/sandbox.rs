@@ -36,6 +36,7 @@ async fn hostile_calls_are_contained_and_the_next_campaign_is_delivered() -> any
         config(&kafka, &db, &extra),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;
@@ -126,6 +127,7 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
         config(&kafka, &db, &extra),
         RunOptions {
             clock: Arc::new(FixedClock(NOW)),
+            ..RunOptions::default()
         },
     )
     .await?;
