@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the machine's CPU goes during `bench fanout`'s fan-out phase: samples every process
-# (the runner inside the bench, the tansu broker, the PostgreSQL backends) with `perf record -a`
+# (the runner inside the bench, the Kafka broker (java), the PostgreSQL backends) with `perf record -a`
 # once the phase has started, then prints the share of each process, of its user code / C
 # library / kernel, and its top symbols. Installs Debian's linux-perf when perf is missing.
 #

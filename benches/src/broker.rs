@@ -132,8 +132,11 @@ fn kafka_version() -> String {
     std::fs::read_to_string("scripts/kafka/pom.xml")
         .ok()
         .and_then(|pom| {
-            let (_, rest) = pom.split_once("<kafka.version>")?;
-            Some(rest.split_once('<')?.0.to_string())
+            pom.split("<kafka.version>")
+                .skip(1)
+                .filter_map(|rest| rest.split_once("</kafka.version>"))
+                .map(|(v, _)| v.trim().to_string())
+                .find(|v| v.chars().next().is_some_and(|c| c.is_ascii_digit()))
         })
         .unwrap_or_else(|| "4.x".into())
 }

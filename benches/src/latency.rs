@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// The unit stages the runner times, in the order a message goes through them.
 const STAGE_ORDER: [&str; 10] = stage::ALL;
 
+/// Seconds of load at the measured rate before measuring.
+const WARM_UP_SECS: u64 = 15;
+
 /// Produces campaigns at `rate`/s for `secs`, calling `during` after each with the time since
 /// the start, and waits until the runner committed them all.
 async fn steady_load(
@@ -122,14 +125,16 @@ pub async fn run(
             dir.join("compiled").display()
         );
         let (running, input) = broker.start_runner(&url, &live, &rules_extra).await?;
-        // Warm-up: join the group, compile both versions once (the cache then serves swaps).
+        // Warm-up at the measured rate: the group is joined, both versions compiled once (the
+        // cache then serves swaps), and a fresh broker's JVM has compiled its hot paths (its
+        // first seconds under load are several times slower).
         steady_load(
             &running,
             &broker.brokers(),
             &input,
             restaurants,
-            20,
-            2,
+            rate,
+            WARM_UP_SECS,
             |_| {},
         )
         .await?;
@@ -240,7 +245,7 @@ pub async fn run(
         }
     }
     report.notes.push(format!(
-        "Broker: {}. {rate} campaigns/s x {subscribers} subscribers for {} s: slices of {:?} alternating quiet and swapping ({swaps_per_slice} swaps per swapping slice), {secs} s of each. Stage timings cover both kinds of slice. Each run on a fresh broker process, database and runner.",
+        "Broker: {}. {rate} campaigns/s x {subscribers} subscribers for {} s: slices of {:?} alternating quiet and swapping ({swaps_per_slice} swaps per swapping slice), {secs} s of each. Stage timings cover both kinds of slice. Each run on a fresh broker process, database and runner, after {WARM_UP_SECS} s of warm-up at the same rate.",
         label,
         2 * secs,
         slice
