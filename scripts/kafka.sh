@@ -309,8 +309,17 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
 
-# A Kafka cluster id: a UUID in URL-safe base64 without padding (what StorageTool random-uuid prints).
-new_cluster_id() { head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22; }
+# A Kafka cluster id: a UUID in URL-safe base64 without padding (what StorageTool random-uuid prints),
+# never starting with '-' (Kafka's own Uuid.randomUuid avoids that too: the tools would read it as an
+# option).
+new_cluster_id() {
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
+    [ "${id:0:1}" != "-" ] && break
+  done
+  echo "$id"
+}
 
 bootstrap() {
   local i out=""

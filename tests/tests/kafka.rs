@@ -293,13 +293,25 @@ impl World {
                     now + 3600,
                 );
                 let key = i.to_string();
-                producer
-                    .send(
-                        FutureRecord::to(&topic).key(&key).payload(&value),
-                        Duration::from_secs(300),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)?;
+                // Through an outage a send may time out: sent again until it is acknowledged (a
+                // campaign published twice reaches each subscriber once).
+                let deadline = Instant::now() + Duration::from_secs(300);
+                loop {
+                    let sent = producer
+                        .send(
+                            FutureRecord::to(&topic).key(&key).payload(&value),
+                            Duration::from_secs(60),
+                        )
+                        .await;
+                    match sent {
+                        Ok(_) => break,
+                        Err((e, _)) if Instant::now() < deadline => {
+                            eprintln!("producing campaign {i}: {e}; sending it again");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err((e, _)) => return Err(e.into()),
+                    }
+                }
                 tokio::time::sleep(pause).await;
             }
             Ok(())
