@@ -117,6 +117,14 @@ impl TestDb {
     pub async fn count(&self, sql: &str) -> Result<i64> {
         Ok(self.client().await?.query_one(sql, &[]).await?.get(0))
     }
+
+    /// Waits until the count `sql` returns is `want`, or `timeout` passes.
+    pub async fn wait_count(&self, sql: &str, want: i64, timeout: Duration) -> bool {
+        wait_for_async(timeout, || async {
+            self.count(sql).await.ok() == Some(want)
+        })
+        .await
+    }
 }
 
 /// The campaign pipeline's PostgreSQL side of delivery on `db`, as another runner would have

@@ -396,6 +396,30 @@ impl World {
             .unwrap_or((0, String::new()))
     }
 
+    /// Waits until `/health` says healthy again (the runner recovers by itself).
+    async fn wait_healthy(&self) -> bool {
+        wait_for_async(Duration::from_secs(30), || async {
+            self.status("/health").await.0 == 200
+        })
+        .await
+    }
+
+    /// A runner on a fresh 3-broker cluster, ready, with `campaigns` being produced and the
+    /// first of them delivered.
+    async fn cluster_under_load(
+        campaigns: usize,
+    ) -> Result<(World, ChildGuard, tokio::task::JoinHandle<Result<()>>)> {
+        let world = World::new(Kafka::cluster()?, 2, 2, 100).await?;
+        let runner = world.spawn_runner();
+        anyhow::ensure!(world.wait_ready(Duration::from_secs(60)).await, "ready");
+        let producing = world.produce(campaigns, Duration::from_millis(100));
+        anyhow::ensure!(
+            world.wait_progress(Duration::from_secs(30)).await,
+            "delivering"
+        );
+        Ok((world, runner, producing))
+    }
+
     async fn wait_ready(&self, timeout: Duration) -> bool {
         wait_for_async(timeout, || async {
             self.status("/health/ready").await.0 == 200
@@ -601,10 +625,7 @@ async fn a_broker_stopped_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         .wait_all_in_postgres(campaigns, Duration::from_secs(180))
         .await;
     let after = rss_mib(runner.id());
-    let healthy = wait_for_async(Duration::from_secs(30), || async {
-        world.status("/health").await.0 == 200
-    })
-    .await;
+    let healthy = world.wait_healthy().await;
     let status = terminate(&mut runner)?;
     println!("broker stopped 30 s: runner RSS {before} MiB before, {peak} MiB peak during, {after} MiB after; degraded seen: {degraded}");
     assert!(done, "recovered by itself and delivered everything");
@@ -753,12 +774,8 @@ async fn kill_and_restart(world: &World, role: &str, node: i32) -> Result<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_killed_on_a_3_broker_cluster_lose_and_double_nothing() -> Result<()> {
     let _one = SERIAL.lock().await;
-    let world = World::new(Kafka::cluster()?, 2, 2, 100).await?;
-    let mut runner = world.spawn_runner();
-    assert!(world.wait_ready(Duration::from_secs(60)).await);
     let campaigns = 300;
-    let producing = world.produce(campaigns, Duration::from_millis(100));
-    assert!(world.wait_progress(Duration::from_secs(30)).await);
+    let (world, mut runner, producing) = World::cluster_under_load(campaigns).await?;
     let node = world.kafka.leader(&world.input, 0)?;
     kill_and_restart(&world, "the leader of input partition 0", node).await?;
     let node = world.kafka.leader(&world.output, 0)?;
@@ -771,10 +788,7 @@ async fn leaders_killed_on_a_3_broker_cluster_lose_and_double_nothing() -> Resul
     let done = world
         .wait_all_in_postgres(campaigns, Duration::from_secs(180))
         .await;
-    let healthy = wait_for_async(Duration::from_secs(30), || async {
-        world.status("/health").await.0 == 200
-    })
-    .await;
+    let healthy = world.wait_healthy().await;
     println!(
         "done {done}, healthy {healthy}: {} rows; /health {:?}",
         world.rows().await,
@@ -791,12 +805,8 @@ async fn leaders_killed_on_a_3_broker_cluster_lose_and_double_nothing() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_3_broker_cluster_stopped_and_started_loses_and_doubles_nothing() -> Result<()> {
     let _one = SERIAL.lock().await;
-    let world = World::new(Kafka::cluster()?, 2, 2, 100).await?;
-    let mut runner = world.spawn_runner();
-    assert!(world.wait_ready(Duration::from_secs(60)).await);
     let campaigns = 150;
-    let producing = world.produce(campaigns, Duration::from_millis(100));
-    assert!(world.wait_progress(Duration::from_secs(30)).await);
+    let (world, mut runner, producing) = World::cluster_under_load(campaigns).await?;
     world.kafka.stop()?;
     let degraded = wait_for_async(Duration::from_secs(20), || async {
         let (code, body) = world.status("/health").await;
@@ -808,10 +818,7 @@ async fn a_3_broker_cluster_stopped_and_started_loses_and_doubles_nothing() -> R
     let done = world
         .wait_all_in_postgres(campaigns, Duration::from_secs(180))
         .await;
-    let healthy = wait_for_async(Duration::from_secs(30), || async {
-        world.status("/health").await.0 == 200
-    })
-    .await;
+    let healthy = world.wait_healthy().await;
     let status = terminate(&mut runner)?;
     assert!(degraded, "/health said the cluster was gone");
     assert!(done, "everything delivered after the restart");

@@ -207,16 +207,13 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
 
     // The next owner takes the partition over.
     let running = start(config(&kafka, &db, ""), fixed()).await?;
-    let cleared = wait_for_async(Duration::from_secs(20), || {
-        let db = db.clone();
-        async move {
-            db.count("SELECT count(*) FROM campaign_runner_outbox")
-                .await
-                .unwrap_or(1)
-                == 0
-        }
-    })
-    .await;
+    let cleared = db
+        .wait_count(
+            "SELECT count(*) FROM campaign_runner_outbox",
+            0,
+            Duration::from_secs(20),
+        )
+        .await;
     assert!(cleared, "the outbox was published and cleared");
     // Give the replayed message a chance to be (wrongly) processed again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -331,16 +328,13 @@ async fn outbox_rows_in_the_stored_format_are_published_once_after_an_upgrade() 
     .await?;
 
     let running = start(config(&kafka, &db, ""), fixed()).await?;
-    let cleared = wait_for_async(Duration::from_secs(20), || {
-        let db = db.clone();
-        async move {
-            db.count("SELECT count(*) FROM campaign_runner_outbox")
-                .await
-                .unwrap_or(1)
-                == 0
-        }
-    })
-    .await;
+    let cleared = db
+        .wait_count(
+            "SELECT count(*) FROM campaign_runner_outbox",
+            0,
+            Duration::from_secs(20),
+        )
+        .await;
     // A marker after the two, on the same partition: once it is in PostgreSQL, the two before
     // it were either skipped as done or evaluated again, and the counters say which.
     let marker = campaign(
@@ -350,16 +344,13 @@ async fn outbox_rows_in_the_stored_format_are_published_once_after_an_upgrade() 
         NOW + 10,
     );
     kafka.produce(&[(None, marker.as_bytes())]).await?;
-    let marked = wait_for_async(Duration::from_secs(20), || {
-        let db = db.clone();
-        async move {
-            db.count("SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id LIKE '%b2'")
-                .await
-                .unwrap_or(0)
-                == 1
-        }
-    })
-    .await;
+    let marked = db
+        .wait_count(
+            "SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id LIKE '%b2'",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
     assert!(marked, "the marker was delivered");
     assert!(
         wait_for(Duration::from_secs(20), || running
