@@ -11,7 +11,7 @@ mod component {
     use super::rules;
 
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "../../wit/campaign",
         world: "campaign-rules",
     });
 

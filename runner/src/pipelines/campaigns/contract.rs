@@ -1,10 +1,10 @@
-//! The campaign pipeline's side of its WIT contract (`wit/campaign-rules.wit`): the host
+//! The campaign pipeline's side of its WIT contract (`wit/campaign/campaign-rules.wit`): the host
 //! bindings, generated once here and re-exported narrowly, and how the sandbox hosts the
 //! `campaign-rules` world (its imports, its smoke test) and calls it (`validate`, `shape`).
 
 mod generated {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../wit/campaign",
         world: "campaign-rules",
         additional_derives: [PartialEq],
     });
