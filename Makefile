@@ -6,6 +6,8 @@ WASM_TARGET := wasm32-unknown-unknown
 WASM_OUT := build/wasm
 CAMPAIGN_WASM := $(WASM_OUT)/campaign-rules.wasm
 export CAMPAIGN_RULES_WASM := $(abspath $(CAMPAIGN_WASM))
+SALES_WASM := $(WASM_OUT)/sales-rules.wasm
+export SALES_RULES_WASM := $(abspath $(SALES_WASM))
 
 .PHONY: all setup build transforms demo test crash-loop bench lint fmt clean
 
@@ -29,11 +31,13 @@ define guest
 	cargo run -q -p componentize -- $(WASM_BUILD)/$(subst -,_,$(1)).wasm $(3)
 endef
 
-## Build the rules component and the test fixtures: wasm32 core modules wrapped into components.
+## Build the rules components and the test fixtures: wasm32 core modules wrapped into components.
 transforms: setup
 	@mkdir -p $(WASM_OUT) $(FIXTURES)
 	$(call guest,campaign-rules,,$(CAMPAIGN_WASM))
 	$(call guest,campaign-rules,--features v2,$(FIXTURES)/campaign-rules-v2.wasm)
+	$(call guest,sales-rules,,$(SALES_WASM))
+	$(call guest,sales-rules,--features v2,$(FIXTURES)/sales-rules-v2.wasm)
 	$(call guest,hostile-rules,,$(FIXTURES)/hostile.wasm)
 	$(call guest,hostile-rules,--features broken,$(FIXTURES)/hostile-broken.wasm)
 	for w in transforms/fixtures/wat/*.wat; do \

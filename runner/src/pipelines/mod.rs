@@ -4,6 +4,7 @@
 //! every pipeline gets ([`Shared`]), and starting a pipeline's delivery loop ([`spawn`]).
 
 pub mod campaigns;
+pub mod store_revenue;
 
 use crate::clock::Clock;
 use crate::db::PostgresUrl;
