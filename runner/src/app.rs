@@ -6,7 +6,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::events::{Events, Stats};
 use crate::metrics::Metrics;
-use crate::pipelines::{campaigns, Shared, Task};
+use crate::pipelines::{campaigns, store_revenue, Shared, Task};
 use anyhow::{Context, Result};
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +40,8 @@ pub struct Running {
     pub metrics: Metrics,
     /// The campaign pipeline, when enabled.
     pub campaigns: Option<campaigns::Running>,
+    /// The store-revenue pipeline, when enabled.
+    pub store_revenue: Option<store_revenue::Running>,
     /// Where the status endpoint listens, when configured.
     pub status_addr: Option<std::net::SocketAddr>,
     shutdown: watch::Sender<bool>,
@@ -73,6 +75,16 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         }
         None => None,
     };
+    let store_revenue = match &config.store_revenue {
+        Some(cfg) => {
+            let (running, task) = store_revenue::start(&shared, cfg)
+                .await
+                .context("starting the store-revenue pipeline")?;
+            tasks.push(task);
+            Some(running)
+        }
+        None => None,
+    };
     let events: Vec<Arc<Events>> = tasks.iter().map(|t| t.events.clone()).collect();
     let (status_addr, status) = match config.status_listen {
         Some(addr) => {
@@ -87,6 +99,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     Ok(Running {
         metrics: shared.metrics,
         campaigns,
+        store_revenue,
         status_addr,
         shutdown: shutdown_tx,
         hard_stop: hard_tx,
@@ -104,6 +117,16 @@ impl Running {
         self.campaigns
             .as_ref()
             .expect("the campaign pipeline is enabled")
+    }
+
+    /// The store-revenue pipeline.
+    ///
+    /// # Panics
+    /// When it is not enabled.
+    pub fn store_revenue(&self) -> &store_revenue::Running {
+        self.store_revenue
+            .as_ref()
+            .expect("the store-revenue pipeline is enabled")
     }
 
     /// Every pipeline's counters.

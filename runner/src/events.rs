@@ -106,6 +106,38 @@ pub struct Stats {
     /// The delivery loop runs.
     pub running: bool,
     pub rules: RulesStatus,
+    /// Event-time windows (the store-revenue pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<WindowStats>,
+}
+
+/// The store-revenue pipeline's windows, as this runner sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WindowStats {
+    /// Sales that came after their partition's watermark had passed their window
+    /// (dead-lettered with reason `late`).
+    pub late: u64,
+    /// Window rows updated with new sums.
+    pub windows_updated: u64,
+    /// Windows this runner made final (and published).
+    pub windows_final: u64,
+    /// The least watermark of the input topic's partitions (unix seconds), when each has one:
+    /// windows ending at or before it are final.
+    pub global_watermark: Option<i64>,
+    /// The partitions this runner holds, by number.
+    pub partitions: BTreeMap<i32, PartitionTimeStats>,
+}
+
+/// One input partition's event-time progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PartitionTimeStats {
+    /// Unix seconds; windows ending at or before it are closed for the partition.
+    pub watermark: Option<i64>,
+    pub max_event_time: Option<i64>,
+    /// The first offset not committed yet.
+    pub next_offset: i64,
+    /// Caught up and quiet for `idle_after`: its watermark follows processing time.
+    pub idle: bool,
 }
 
 impl Stats {
@@ -177,6 +209,7 @@ pub struct Events {
     partitions: AtomicUsize,
     running: AtomicBool,
     rules: Mutex<RulesStatus>,
+    windows: Mutex<Option<WindowStats>>,
 }
 
 impl Default for Events {
@@ -210,6 +243,7 @@ impl Events {
             partitions: AtomicUsize::new(0),
             running: AtomicBool::new(false),
             rules: Mutex::default(),
+            windows: Mutex::default(),
         }
     }
 
@@ -256,7 +290,13 @@ impl Events {
             partitions: self.partitions.load(Ordering::Relaxed).checked_sub(1),
             running: self.running.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
+            windows: self.windows.lock().expect("stats lock").clone(),
         }
+    }
+
+    /// The windows' state as of the last trigger.
+    pub fn set_windows(&self, w: WindowStats) {
+        *self.windows.lock().expect("stats lock") = Some(w);
     }
 
     /// The partitions held after a rebalance was applied (each taken over), or None while one
@@ -447,6 +487,30 @@ impl Events {
             .dead_lettered
             .with_label_values(&[self.pipeline.as_str(), code])
             .inc();
+    }
+
+    /// `n` messages of the same kind dead-lettered at once (one log line).
+    pub fn dead_lettered_many(&self, code: &str, n: u64, example: &str) {
+        if n == 0 {
+            return;
+        }
+        tracing::warn!(pipeline = %self.pipeline, reason = code, messages = n, example, "Messages dead-lettered.");
+        *self
+            .dead_lettered
+            .lock()
+            .expect("stats lock")
+            .entry(code.to_string())
+            .or_default() += n;
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[self.pipeline.as_str(), code])
+            .inc_by(n);
+    }
+
+    /// `n` messages whose output is durable in both sinks, `records` output records.
+    pub fn delivered_many(&self, n: u64, records: u64) {
+        self.delivered.inc_by(n);
+        self.records_delivered.inc_by(records);
     }
 
     /// A message's output (`records` records) is durable in both sinks.

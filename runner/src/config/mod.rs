@@ -12,6 +12,7 @@ pub use crate::kafka::{KafkaConfig, RawKafka, PRODUCER_DEFAULTS};
 
 use crate::db::PostgresUrl;
 use crate::pipelines::campaigns::config::{CampaignsConfig, RawCampaigns};
+use crate::pipelines::store_revenue::config::{RawStoreRevenue, StoreRevenueConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::Deserialize;
@@ -57,6 +58,7 @@ pub struct RawPostgres {
 #[serde(deny_unknown_fields)]
 pub struct RawPipelines {
     pub campaigns: RawCampaigns,
+    pub store_revenue: RawStoreRevenue,
 }
 
 /// Where a configuration comes from, in increasing precedence.
@@ -189,6 +191,8 @@ pub struct Config {
     pub status_listen: Option<std::net::SocketAddr>,
     /// The campaign pipeline, when enabled.
     pub campaigns: Option<CampaignsConfig>,
+    /// The store-revenue pipeline, when enabled.
+    pub store_revenue: Option<StoreRevenueConfig>,
 }
 
 impl Config {
@@ -209,8 +213,9 @@ impl RawConfig {
             ));
         }
         let campaigns = self.pipelines.campaigns.validate(&mut problems);
-        if campaigns.is_none() {
-            problems.push("no pipeline is enabled (pipelines.campaigns.enabled = false)".into());
+        let store_revenue = self.pipelines.store_revenue.validate(&mut problems);
+        if campaigns.is_none() && store_revenue.is_none() {
+            problems.push("no pipeline is enabled (pipelines.campaigns.enabled and pipelines.store_revenue.enabled are both false)".into());
         }
         let status_listen = match self.status.listen.trim() {
             "" => None,
@@ -230,6 +235,7 @@ impl RawConfig {
             postgres_url: PostgresUrl::new(self.postgres.url),
             status_listen,
             campaigns,
+            store_revenue,
         })
     }
 }
