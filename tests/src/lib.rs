@@ -402,3 +402,116 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// The built sales rules component.
+pub fn sales_wasm() -> PathBuf {
+    let p = std::env::var_os("SALES_RULES_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/wasm/sales-rules.wasm")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run `make transforms` first",
+        p.display()
+    );
+    p
+}
+
+/// A mock cluster with one test's sales topics.
+pub struct SalesKafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub brokers: String,
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl std::fmt::Debug for SalesKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SalesKafka")
+            .field("brokers", &self.brokers)
+            .finish()
+    }
+}
+
+impl SalesKafka {
+    pub fn new(input_partitions: i32) -> Result<SalesKafka> {
+        let cluster = MockCluster::new(1).context("mock cluster")?;
+        let brokers = cluster.bootstrap_servers();
+        let (input, output, dlq) = (unique("sales"), unique("revenue"), unique("sales_dlq"));
+        cluster.create_topic(&input, input_partitions, 1)?;
+        cluster.create_topic(&output, 2, 1)?;
+        cluster.create_topic(&dlq, 1, 1)?;
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()?;
+        Ok(SalesKafka {
+            cluster,
+            brokers,
+            input,
+            output,
+            dlq,
+            producer,
+        })
+    }
+
+    /// Sends one sale value to `partition` (or by key when None), keyed by `key`.
+    pub async fn send(&self, partition: Option<i32>, key: Option<&str>, value: &str) -> Result<()> {
+        let mut r = rdkafka::producer::FutureRecord::<str, str>::to(&self.input).payload(value);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
+        self.producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok(())
+    }
+
+    /// Waits until `topic` holds at least `n` records (read_committed), and returns them all.
+    pub async fn read_at_least(&self, topic: &str, n: usize) -> Result<Vec<OwnedMessage>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = read_topic(&self.brokers, topic, n, Duration::from_secs(10)).await?;
+            if got.len() >= n || std::time::Instant::now() > deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A sale's JSON value.
+pub fn sale(store: &str, price: &str, ts: i64) -> String {
+    format!(r#"{{"store":"{store}","item":"coffee","price":{price},"ts":{ts}}}"#)
+}
+
+/// The runner configuration of a store-revenue test: its topics, its database, a short
+/// trigger; the campaign pipeline off. `extra` is merged last.
+pub fn sales_config(kafka: &SalesKafka, db: &TestDb, extra: &str) -> Config {
+    let overlay = format!(
+        "[kafka]\nbrokers = \"{}\"\n[postgres]\nurl = \"{}\"\n[pipelines.campaigns]\nenabled = false\n\
+         [pipelines.store_revenue]\nenabled = true\ninput_topic = \"{}\"\noutput_topic = \"{}\"\n\
+         dead_letter_topic = \"{}\"\ngroup_id = \"{}\"\ntrigger = \"200ms\"\nidle_after = \"1s\"\n\
+         [pipelines.store_revenue.rules]\npath = \"{}\"\n",
+        kafka.brokers,
+        db.url,
+        kafka.input,
+        kafka.output,
+        kafka.dlq,
+        unique("group"),
+        sales_wasm().display()
+    );
+    let overlay = merge_toml(&overlay, extra);
+    Config::load(&Sources {
+        file: None,
+        overlay: Some(&overlay),
+        env: false,
+    })
+    .expect("test config is valid")
+}

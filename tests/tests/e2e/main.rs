@@ -10,3 +10,4 @@ mod pipeline;
 mod restart;
 mod sandbox;
 mod schema;
+mod windows;

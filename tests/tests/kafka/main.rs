@@ -1,0 +1,8 @@
+//! Delivery against real Apache Kafka brokers (scripts/kafka.sh: Apache Kafka 4.x, KRaft,
+//! on-disk storage) with real runner processes, one binary for both pipelines: `campaigns`
+//! and `windows` (store revenue); `brokers` starts and stops the brokers. Each test runs alone
+//! (the brokers are JVMs and the machine has two cores).
+
+mod brokers;
+mod campaigns;
+mod windows;
