@@ -351,3 +351,65 @@ async fn a_restart_resumes_from_the_committed_state_without_counting_twice() -> 
     assert_eq!(records.len(), finals);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sales_rules_are_swapped_in_while_running_and_nothing_is_lost() -> anyhow::Result<()> {
+    let kafka = SalesKafka::new(1)?;
+    let db = TestDb::new().await?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("sales-rules.wasm");
+    std::fs::copy(sales_wasm(), &rules)?;
+    let cfg = sales_config(
+        &kafka,
+        &db,
+        &format!(
+            "[pipelines.store_revenue.rules]\npath = \"{}\"\nwatch = true\nsettle = \"100ms\"\n",
+            rules.display()
+        ),
+    );
+    let running = start(cfg, at(T0 - 3600)).await?;
+    let sr = running.store_revenue();
+    kafka.send(None, Some("s"), &sale("s", "1.10", T0)).await?;
+    kafka.send(None, Some("s"), "before the swap").await?;
+    assert!(
+        wait_for(Duration::from_secs(20), || sr
+            .stats()
+            .dead_lettered("malformed_json")
+            == 1)
+        .await
+    );
+    replace_atomically(&fixture("sales-rules-v2.wasm"), &rules)?;
+    assert!(
+        wait_for(Duration::from_secs(20), || sr
+            .stats()
+            .rules
+            .version
+            .ends_with("+v2"))
+        .await,
+        "{:?}",
+        sr.stats().rules
+    );
+    kafka
+        .send(None, Some("s"), &sale("s", "2.20", T0 + 1))
+        .await?;
+    kafka.send(None, Some("s"), "after the swap").await?;
+    let dead = kafka.read_at_least(&kafka.dlq, 2).await?;
+    let versions: Vec<_> = dead
+        .iter()
+        .map(|m| header(m, "rules-version").unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(versions, ["sales-rules 1.0.0", "sales-rules 1.0.0+v2"]);
+    assert!(
+        db.wait_count(
+            "SELECT count(*) FROM store_revenue_windows WHERE total = 3.30 AND events = 2",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        "{:?}",
+        windows(&db).await?
+    );
+    assert_eq!(sr.stats().rules.swaps, 1);
+    running.stop().await?;
+    Ok(())
+}

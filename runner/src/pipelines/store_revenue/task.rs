@@ -276,6 +276,11 @@ impl Revenue {
                         // What it counted since the last trigger is counted again by the next
                         // owner, from the committed position.
                         self.owned.remove(&p);
+                        let _ = self
+                            .events
+                            .metrics()
+                            .watermark
+                            .remove_label_values(&[self.events.pipeline(), &p.to_string()]);
                     }
                 }
                 RebalanceEvent::Assigned(parts) => {
@@ -634,6 +639,14 @@ impl Revenue {
             }
             self.stats.windows_updated += written.updated.len() as u64;
             self.stats.windows_final += written.finalized.len() as u64;
+            let m = self.events.metrics();
+            let labels = [self.events.pipeline()];
+            m.windows_updated
+                .with_label_values(&labels)
+                .inc_by(written.updated.len() as u64);
+            m.windows_final
+                .with_label_values(&labels)
+                .inc_by(written.finalized.len() as u64);
             for r in written.updated.into_iter().chain(written.finalized) {
                 changed.insert((r.store.clone(), r.window_start), r);
             }
@@ -891,6 +904,18 @@ impl Revenue {
     }
 
     fn report(&mut self) {
+        let m = self.events.metrics();
+        let pipeline = self.events.pipeline();
+        for (p, o) in &self.owned {
+            if let Some(w) = o.committed_time.watermark {
+                m.watermark
+                    .with_label_values(&[pipeline, &p.to_string()])
+                    .set(w);
+            }
+        }
+        if let Some(w) = self.stats.global_watermark {
+            m.topic_watermark.with_label_values(&[pipeline]).set(w);
+        }
         self.stats.partitions = self
             .owned
             .iter()
