@@ -7,7 +7,8 @@
 //! The core, shared by every pipeline: `sandbox` (rules hosting, limits, hot swap), `delivery`
 //! (units, outbox, fences, Kafka transactions, takeover), `source` (the consumer), `kafka` and
 //! `config` (settings), `events` and `metrics` (what is reported), `status` (HTTP), `retry`,
-//! `headers`, `db`, `clock`. Wiring: `app`; the `runner demo` command: `demo`.
+//! `headers`, `db`, `clock`. Wiring: `app`; the `runner demo` command: `demo`; the
+//! `runner produce` traffic generators: `produce`.
 
 pub mod app;
 pub mod clock;
@@ -20,6 +21,7 @@ pub mod headers;
 pub mod kafka;
 pub mod metrics;
 pub mod pipelines;
+pub mod produce;
 pub mod retry;
 pub mod sandbox;
 pub mod source;

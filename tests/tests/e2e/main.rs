@@ -7,6 +7,7 @@ mod delivery;
 mod hot_swap;
 mod operator;
 mod pipeline;
+mod produce;
 mod restart;
 mod sandbox;
 mod schema;
