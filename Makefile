@@ -46,7 +46,7 @@ transforms: setup
 
 ## The demo on embedded defaults (mock Kafka cluster in-process, local PostgreSQL).
 demo: build
-	$(CARGO_TARGET_DIR)/debug/runner --log warn demo --rules $(CAMPAIGN_WASM)
+	$(CARGO_TARGET_DIR)/debug/runner --log warn demo --rules $(CAMPAIGN_WASM) --sales-rules $(SALES_WASM)
 
 ## The whole test suite: unit tests, the component's tests under wasmtime, end-to-end tests.
 test: transforms

@@ -1,8 +1,11 @@
-//! `runner demo`: the campaign pipeline on embedded defaults — librdkafka's in-process mock
-//! cluster (the real Kafka protocol over local sockets) and a database of the demo's own on the
-//! local PostgreSQL. Seeds SPEC.md's subscribers, produces SPEC.md's example campaign, an
-//! expired one and a malformed message, and prints what came out of every sink. Also the small
-//! Kafka helpers the demo uses (produce, read a topic to its end, wait for a condition).
+//! `runner demo`: both pipelines on embedded defaults — librdkafka's in-process mock cluster
+//! (the real Kafka protocol over local sockets) and a database of the demo's own on the local
+//! PostgreSQL. Campaigns: seeds SPEC.md's subscribers, produces SPEC.md's example campaign, an
+//! expired one and a malformed message, and prints what came out of every sink. Store revenue:
+//! produces six minutes of event time of sales in a few seconds, out of order, with late and
+//! malformed ones, prints the windows table as it evolves, then the final rows, the late dead
+//! letters and the counters. Also the small Kafka helpers the demo uses (produce, read a topic
+//! to its end, wait for a condition).
 
 use crate::app::{self, RunOptions};
 use crate::config::{Config, Sources};
@@ -75,6 +78,8 @@ pub const MALFORMED_MESSAGE: &str =
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub rules: PathBuf,
+    /// The sales rules component.
+    pub sales_rules: PathBuf,
     /// A connection string to a database where the demo may drop and create its own.
     pub admin_url: String,
     pub database: String,
@@ -168,13 +173,13 @@ pub async fn read_topic(
     expected: usize,
     timeout: Duration,
 ) -> Result<Vec<OwnedMessage>> {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer<crate::source::ReaderContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create_with_context(crate::source::ReaderContext)?;
     let partitions = {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let t = meta.topics().first().context("no metadata for the topic")?;
@@ -354,10 +359,204 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     println!("\n== Skipped (valid, not active now): {:?}", stats.skipped);
     println!("== Counters: {}", serde_json::to_string(&stats)?);
     check(&stats, drafts.len(), rows.len(), dead.len())?;
-    println!("\nDemo OK: 8 drafts in Kafka, 8 rows in PostgreSQL, 1 dead letter, 1 expired campaign skipped.");
+    println!("\nCampaigns OK: 8 drafts in Kafka, 8 rows in PostgreSQL, 1 dead letter, 1 expired campaign skipped.");
+    let sales = sales_demo(&cluster, &url, &opts.sales_rules).await?;
+    println!("\nDemo OK: campaigns (8 drafts in Kafka, 8 rows in PostgreSQL, 1 dead letter, 1 skipped); store revenue ({sales}).");
     drop(pg);
     drop(cluster);
     Ok(())
+}
+
+/// The store-revenue part: returns its one-line result.
+async fn sales_demo(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    url: &str,
+    rules: &std::path::Path,
+) -> Result<String> {
+    use crate::pipelines::store_revenue;
+    use crate::produce::sales::{sales, SalesOptions};
+    use crate::produce::{client_config, Limit, ProduceOptions, Progress};
+    let brokers = cluster.bootstrap_servers();
+    let (input, output, dlq) = ("sales", "store-revenue", "sales-dead-letter");
+    cluster.create_topic(input, 3, 1)?;
+    cluster.create_topic(output, 1, 1)?;
+    cluster.create_topic(dlq, 1, 1)?;
+    println!("\n\n== Store revenue: topics {input} (3 partitions), {output}, {dlq}; 30 s windows, 30 s allowed lateness, a trigger every 2 s");
+    let overlay = format!(
+        "[kafka]\nbrokers = \"{brokers}\"\n[postgres]\nurl = \"{url}\"\n\
+         [pipelines.campaigns]\nenabled = false\n\
+         [pipelines.store_revenue]\nenabled = true\ninput_topic = \"{input}\"\noutput_topic = \"{output}\"\n\
+         dead_letter_topic = \"{dlq}\"\ngroup_id = \"demo-revenue\"\ntrigger = \"2s\"\nidle_after = \"2s\"\nconsole = true\n\
+         [pipelines.store_revenue.rules]\npath = \"{}\"\n",
+        rules.display()
+    );
+    let config = Config::load(&Sources {
+        file: None,
+        overlay: Some(&overlay),
+        env: false,
+    })?;
+    let kafka = config.kafka.clone();
+    let running = app::start(
+        config,
+        RunOptions {
+            mock_cluster: true,
+            ..RunOptions::default()
+        },
+    )
+    .await?;
+    let identity = running
+        .store_revenue()
+        .rules
+        .current()
+        .identity()
+        .to_string();
+    println!("== Runner started with rules {identity}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    // Six minutes of event time, ending a minute ago, in about six seconds: 5 stores, one
+    // sale a second each, up to 5 s out of order, 2% sent two minutes late, 1% malformed.
+    let mut produce = ProduceOptions::new(input, Limit::Count(5 * 360));
+    produce.as_fast_as_possible = false;
+    let opts = SalesOptions {
+        produce,
+        stores: 5,
+        rate: 1.0,
+        speedup: 60.0,
+        simulated_start: Some(now - 420),
+        jitter: Duration::from_secs(5),
+        late_fraction: 0.02,
+        late_by: Duration::from_secs(120),
+        malformed_fraction: 0.01,
+        seed: Some(42),
+        ..SalesOptions::default()
+    };
+    println!("== Producing 1,800 sales: 6 minutes of event time from {} in ~6 s; the runner prints its table at every trigger:\n", store_revenue::task::rfc3339(now - 420));
+    let summary = sales(
+        client_config(&kafka, Duration::from_secs(30)),
+        opts,
+        Progress::Hidden,
+    )
+    .await?;
+    // Every partition goes quiet: after idle_after its watermark follows the clock, and every
+    // window (the last ended about a minute ago) becomes final.
+    let pg = db::connect(url).await?;
+    let mut done = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let open: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM public.store_revenue_windows WHERE NOT final",
+                &[],
+            )
+            .await?
+            .get(0);
+        let stats = running.store_revenue().stats();
+        if open == 0 && stats.settled() as u64 >= summary.run.sent {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = running.store_revenue().stats();
+    running.stop().await?;
+    if !done {
+        bail!("the store-revenue pipeline did not settle every sale and close every window in time: {stats:?}");
+    }
+    let rows = pg
+        .query(
+            "SELECT store, to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
+             to_char(window_end AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), total::text, total_revenue_int, events, final \
+             FROM public.store_revenue_windows ORDER BY window_start DESC, store LIMIT 10",
+            &[],
+        )
+        .await?;
+    let (windows, final_windows, cents): (i64, i64, i64) = {
+        let r = pg
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE final), coalesce(sum(total_minor), 0)::int8 FROM public.store_revenue_windows",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1), r.get(2))
+    };
+    println!("\n== store_revenue_windows: {windows} windows, {final_windows} final; the last 10:");
+    println!(
+        "store | window_start | window_end | total | total_revenue_int | events | final (UTC)"
+    );
+    for r in &rows {
+        println!(
+            "{} | {} | {} | {} | {} | {} | {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, i64>(5),
+            r.get::<_, bool>(6)
+        );
+    }
+    let published = read_topic(&brokers, output, windows as usize, Duration::from_secs(20)).await?;
+    println!(
+        "\n== {} final windows on topic {output}, e.g.:",
+        published.len()
+    );
+    if let Some(m) = published.last() {
+        println!(
+            "key={} {}",
+            String::from_utf8_lossy(m.key().unwrap_or_default()),
+            String::from_utf8_lossy(m.payload().unwrap_or_default())
+        );
+    }
+    let dead = read_topic(&brokers, dlq, 64, Duration::from_secs(20)).await?;
+    let late: Vec<&OwnedMessage> = dead
+        .iter()
+        .filter(|m| header_value(m, crate::headers::DLQ_REASON) == Some("late"))
+        .collect();
+    println!(
+        "\n== {} dead letters on topic {dlq}, {} of them late; the first late ones:",
+        dead.len(),
+        late.len()
+    );
+    for m in late.iter().take(3) {
+        println!(
+            "key={} value={}\n   headers: {}",
+            String::from_utf8_lossy(m.key().unwrap_or_default()),
+            String::from_utf8_lossy(m.payload().unwrap_or_default()),
+            header_text(m)
+        );
+    }
+    println!("\n== Counters: {}", serde_json::to_string(&stats)?);
+    let counted = stats.delivered;
+    let ok = final_windows == windows
+        && published.len() as i64 == windows
+        && stats.settled() == summary.run.sent
+        && !late.is_empty()
+        && stats.dead_lettered.values().sum::<u64>() == dead.len() as u64
+        && dead.len() as u64 == summary.malformed + late.len() as u64;
+    if !ok {
+        bail!(
+            "the store-revenue demo did not produce what it should: {windows} windows ({final_windows} final), {} published, {} dead letters ({} late), {} sent, {stats:?}",
+            published.len(),
+            dead.len(),
+            late.len(),
+            summary.run.sent
+        );
+    }
+    Ok(format!(
+        "{} sales: {counted} counted into {windows} final windows totalling {}, each published once; {} late and {} malformed dead-lettered",
+        summary.run.sent,
+        store_revenue::task::decimal(cents, 2),
+        late.len(),
+        summary.malformed
+    ))
+}
+
+fn header_value<'m>(m: &'m OwnedMessage, name: &str) -> Option<&'m str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 fn check(stats: &Stats, drafts: usize, rows: usize, dead: usize) -> Result<()> {

@@ -2,10 +2,13 @@
 //! in the library; errors are reported here with their whole chain.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use runner::config::{Config, Sources, DEFAULTS};
+use runner::produce::sales::{parse_item, parse_price, Item};
+use runner::produce::{Limit, ProduceOptions, Progress};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 /// WebAssembly-sandboxed stream transform runner.
@@ -40,6 +43,10 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; the generators' options are many"
+)]
 enum Command {
     /// Run the enabled pipelines until SIGINT or SIGTERM (then drain, commit and exit 0).
     Run {
@@ -47,12 +54,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run the campaign pipeline once on embedded defaults: librdkafka's in-process mock
-    /// cluster and a database of its own on the local PostgreSQL; print what reached every sink.
+    /// Run both pipelines once on embedded defaults: librdkafka's in-process mock cluster and
+    /// a database of its own on the local PostgreSQL; print what reached every sink.
     Demo {
-        /// The rules component to use.
+        /// The campaign rules component to use.
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
         rules: PathBuf,
+        /// The sales rules component to use.
+        #[arg(long, default_value = "build/wasm/sales-rules.wasm")]
+        sales_rules: PathBuf,
         /// Connection string of a PostgreSQL database where the demo may create its own.
         #[arg(
             long,
@@ -75,6 +85,158 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Generate input traffic for demos, tests and load runs, sent with the runner's own Kafka
+    /// settings ([kafka] of the configuration: brokers, SASL, TLS, client properties).
+    Produce {
+        #[command(subcommand)]
+        command: ProduceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProduceCommand {
+    /// Sales for the store-revenue pipeline (docs/SPEC.md, "Pipeline 2").
+    ///
+    /// Sends {"store": "store-17", "item": "coffee", "price": 3.50, "ts": 1764255600} to the
+    /// pipeline's input topic, keyed by store: by default one sale per second per store for 10
+    /// stores during 60 s, as the reference generator did. Sale n goes to store n mod N at the
+    /// nominal event time start + n / (N × rate); its ts is that minus a random jitter. Options
+    /// add what demos and tests need: late sales (dead-lettered as `late`), malformed ones
+    /// (dead-lettered with the rules' code), simulated event time running faster than the
+    /// clock, unkeyed sends, and a seed for reproducible runs.
+    ///
+    /// A progress line goes to stderr about once a second; the summary (sales per kind,
+    /// event-time range, wall time, rate, seed) to stdout at the end, or on SIGINT/SIGTERM
+    /// after what was sent is acknowledged. Exits non-zero if the brokers cannot be reached or a
+    /// sale cannot be delivered within --delivery-timeout.
+    ///
+    /// Example, a demo covering 10 minutes of event time in 20 s, with some dead letters:
+    ///
+    ///   runner produce sales --simulated-start 2025-09-02T10:30:00Z --speedup 30 \
+    ///     --duration 20s --late-fraction 0.02 --malformed-fraction 0.02 --seed 1
+    #[command(verbatim_doc_comment)]
+    Sales(SalesArgs),
+}
+
+/// What every generator takes: where to send, how much, how fast, how to report.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Kafka and run")]
+struct ProduceArgs {
+    /// Runner configuration (TOML) whose [kafka] section the producer uses; without it the
+    /// defaults. Environment variables RUNNER__KAFKA__… apply on top, as for `runner run`.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers, in place of kafka.brokers of the configuration.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic to send to [default: the pipeline's input topic in the configuration].
+    #[arg(long)]
+    topic: Option<String>,
+    /// How long to send, wall-clock time (e.g. 90s, 5m): a paced run sends the number of
+    /// events this holds at its rate [default: 60s, unless --count is given].
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    duration: Option<Duration>,
+    /// Number of events to send in all, in place of --duration.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Send without pacing, as fast as the producer takes them (load runs). Event times are
+    /// still those of the rate.
+    #[arg(long)]
+    as_fast_as_possible: bool,
+    /// Seed of the random choices: the same seed and options give the same events (with
+    /// --simulated-start, the same bytes) [default: a random seed, printed in the summary].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// An event the brokers have not acknowledged within this time fails the run
+    /// (message.timeout.ms); the brokers must also answer within it (at most 15 s) at the start.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    delivery_timeout: Duration,
+    /// Events sent but not yet acknowledged, at most.
+    #[arg(long, default_value_t = runner::produce::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress line on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl ProduceArgs {
+    fn limit(&self) -> Limit {
+        match (self.count, self.duration) {
+            (Some(n), _) => Limit::Count(n),
+            (None, Some(d)) => Limit::Duration(d),
+            (None, None) => Limit::Duration(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct SalesArgs {
+    #[command(flatten)]
+    common: ProduceArgs,
+    /// Number of stores: store-1 … store-N.
+    #[arg(long, default_value_t = 10, help_heading = "Sales")]
+    stores: u32,
+    /// Sales per second per store, in event time (with --speedup K, K times as many per
+    /// wall-clock second).
+    #[arg(long, default_value_t = 1.0, help_heading = "Sales")]
+    rate: f64,
+    /// Event time of the first sale: unix seconds or RFC 3339 (2025-09-02T10:30:00Z)
+    /// [default: now].
+    #[arg(long, value_parser = runner::produce::parse_event_time, help_heading = "Sales")]
+    simulated_start: Option<i64>,
+    /// Event time runs K times faster than the wall clock: `--rate 1 --speedup 30` sends 30
+    /// sales per wall-clock second per store, each store's 1 s of event time apart.
+    #[arg(long, default_value_t = 1.0, help_heading = "Sales")]
+    speedup: f64,
+    /// Items sold, comma-separated: NAME=PRICE (at most two decimals) or the NAME of a built-in
+    /// item; one is drawn at random per sale [default: the built-in catalogue, coffee=3.50,
+    /// tea=2.80, croissant=2.20, bagel=3.10, muffin=2.95, cookie=1.75, sandwich=6.90,
+    /// salad=8.40, soup=5.25, juice=4.15, water=1.20, pizza-slice=4.60].
+    #[arg(long, value_delimiter = ',', value_parser = parse_item, help_heading = "Sales")]
+    items: Vec<Item>,
+    /// Prices drawn uniformly between --price-min and --price-max (whole cents), in place of
+    /// the items' own.
+    #[arg(long, value_parser = parse_price, requires = "price_max", help_heading = "Sales")]
+    price_min: Option<i64>,
+    /// Upper bound of the prices drawn (see --price-min).
+    #[arg(long, value_parser = parse_price, requires = "price_min", help_heading = "Sales")]
+    price_max: Option<i64>,
+    /// Event-time disorder: each sale's ts is its nominal event time minus a uniform random
+    /// 0..D. Up to the allowed lateness, every such sale is counted by the pipeline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Sales")]
+    jitter: Duration,
+    /// Fraction of sales sent late: ts --late-by behind, so that the pipeline dead-letters them
+    /// as `late` (a sale is made late only when its partition's watermark is sure to have
+    /// passed it, so the share can fall a little short).
+    #[arg(long, default_value_t = 0.0, help_heading = "Sales")]
+    late_fraction: f64,
+    /// How far behind its nominal event time a late sale's ts is
+    /// [default: 2 × (window + allowed lateness), 120s].
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Sales")]
+    late_by: Option<Duration>,
+    /// The pipeline's window [default: pipelines.store_revenue.window of the configuration].
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Sales")]
+    window: Option<Duration>,
+    /// The pipeline's allowed lateness
+    /// [default: pipelines.store_revenue.allowed_lateness of the configuration].
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Sales")]
+    allowed_lateness: Option<Duration>,
+    /// Fraction of sales broken in one way chosen at random: not JSON, a negative price, the
+    /// price as a string, no ts, a price with three decimals (each dead-lettered by the rules).
+    #[arg(long, default_value_t = 0.0, help_heading = "Sales")]
+    malformed_fraction: f64,
+    /// Send without a key: the producer spreads sales over partitions, not by store (for the
+    /// pipeline's handling of a producer that does not key by store). A sale sent late is then
+    /// late only if its partition has already carried newer sales.
+    #[arg(long, help_heading = "Sales")]
+    unkeyed: bool,
+    /// Add to the summary the expected total of the on-time sales per (store, window) in cents
+    /// and the list of late sales (kept in memory: for small runs; best with --json).
+    #[arg(long, help_heading = "Sales")]
+    totals: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,11 +315,13 @@ async fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Demo {
             rules,
+            sales_rules,
             admin_url,
             database,
         } => {
             runner::demo::run(runner::demo::DemoOptions {
                 rules,
+                sales_rules,
                 admin_url,
                 database,
             })
@@ -191,7 +355,74 @@ async fn real_main(cli: Cli) -> Result<()> {
             println!("{} is accepted: {}", file.display(), loaded.identity());
             Ok(())
         }
+        Command::Produce {
+            command: ProduceCommand::Sales(args),
+        } => produce_sales(args).await,
     }
+}
+
+/// A stop signal for a generator: true at SIGINT or SIGTERM.
+fn produce_stop() -> Result<tokio::sync::watch::Receiver<bool>> {
+    let signal = shutdown_signal()?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn produce_sales(args: SalesArgs) -> Result<()> {
+    let common = &args.common;
+    let (raw, kafka) =
+        runner::produce::load_config(common.config.as_deref(), common.brokers.as_deref())?;
+    let pipeline = &raw.pipelines.store_revenue;
+    let window = args.window.unwrap_or(pipeline.window);
+    let allowed_lateness = args.allowed_lateness.unwrap_or(pipeline.allowed_lateness);
+    let opts = runner::produce::SalesOptions {
+        produce: ProduceOptions {
+            topic: common
+                .topic
+                .clone()
+                .unwrap_or_else(|| pipeline.input_topic.clone()),
+            limit: common.limit(),
+            as_fast_as_possible: common.as_fast_as_possible,
+            max_in_flight: common.max_in_flight,
+            stop: Some(produce_stop()?),
+        },
+        stores: args.stores,
+        rate: args.rate,
+        speedup: args.speedup,
+        simulated_start: args.simulated_start,
+        items: if args.items.is_empty() {
+            runner::produce::sales::catalogue()
+        } else {
+            args.items
+        },
+        price_range: args.price_min.zip(args.price_max),
+        jitter: args.jitter,
+        late_fraction: args.late_fraction,
+        late_by: args.late_by.unwrap_or(2 * (window + allowed_lateness)),
+        window,
+        allowed_lateness,
+        malformed_fraction: args.malformed_fraction,
+        keyed: !args.unkeyed,
+        seed: common.seed,
+        record_totals: args.totals,
+    };
+    let progress = if common.quiet {
+        Progress::Hidden
+    } else {
+        Progress::Stderr
+    };
+    let producer = runner::produce::client_config(&kafka, common.delivery_timeout);
+    let summary = runner::produce::sales(producer, opts, progress).await?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{summary}");
+    }
+    Ok(())
 }
 
 /// jemalloc, and in place of the C library's malloc for the whole process: librdkafka allocates

@@ -6,7 +6,8 @@
 use crate::events::Events;
 use crate::retry::stopped;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +51,35 @@ pub struct SourceContext {
     pub rebalances: Arc<Rebalances>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason)
+    }
+}
+
+/// librdkafka's global errors, as the runner logs them: the end of a partition (reported when
+/// `enable.partition.eof` is on) is a normal event, not an error.
+pub fn log_client_error(error: KafkaError, reason: &str) {
+    if matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+    {
+        tracing::debug!(reason, "Reached the end of a partition.");
+    } else {
+        tracing::error!(error = %error, reason, "librdkafka: global error.");
+    }
+}
+
+/// The context of a consumer that reads topics to their end (operators' tools, the demo).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason)
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

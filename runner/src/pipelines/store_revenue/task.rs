@@ -673,7 +673,7 @@ impl Revenue {
             }
         }
         self.report();
-        if let Some(console) = &self.console {
+        if let Some(console) = self.console.as_ref().filter(|_| !changed.is_empty()) {
             console.print(now, self.stats.global_watermark, changed.values());
         }
         Ok(())
@@ -721,7 +721,8 @@ impl Revenue {
                     let dead = std::mem::take(&mut o.dead_letters);
                     o.unpublished |= !dead.is_empty() || !written.finalized.is_empty();
                     let counted = std::mem::take(&mut o.counted);
-                    self.events.delivered_many(counted, 0);
+                    self.events
+                        .delivered_many(counted, written.finalized.len() as u64);
                     let mut by_code: BTreeMap<&'static str, (u64, String)> = BTreeMap::new();
                     for (code, e) in &dead {
                         let slot = by_code.entry(code).or_insert_with(|| (0, String::new()));
