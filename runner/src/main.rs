@@ -252,13 +252,68 @@ enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 enum RulesCommand {
-    /// Load a campaign rules component as the runner would (compile, link against the
-    /// campaign-rules world, smoke-test with SPEC.md's example); exit non-zero with the reason
-    /// if it would be refused.
+    /// Load a rules component as the runner would (compile, link against its pipeline's
+    /// world, smoke-test it on a known input); exit non-zero with the reason if it would be
+    /// refused. Without --kind, the component's world says which pipeline it is for.
     Check {
         /// The component (.wasm).
         file: PathBuf,
+        /// The pipeline the component is for.
+        #[arg(long, value_enum)]
+        kind: Option<RulesKind>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RulesKind {
+    /// The campaign pipeline's rules (wit/campaign/campaign-rules.wit).
+    Campaign,
+    /// The store-revenue pipeline's rules (wit/sales/sales-rules.wit).
+    Sales,
+}
+
+/// Loads `file` as a rules component of `kind`, with the limits the configuration gives that
+/// pipeline: its identity, or why it would be refused.
+fn check_rules(file: &std::path::Path, kind: RulesKind, config: &Config) -> Result<String> {
+    use runner::pipelines::{campaigns, store_revenue};
+    // A pipeline switched off still has its section's limits in the defaults.
+    let limits = |c: Option<runner::sandbox::SandboxLimits>, section: &str| {
+        c.unwrap_or_else(|| {
+            let overlay = format!("[pipelines.{section}]\nenabled = true\n");
+            let enabled = runner::config::Config::load(&runner::config::Sources {
+                file: None,
+                overlay: Some(&overlay),
+                env: false,
+            })
+            .expect("the defaults are valid");
+            match section {
+                "campaigns" => enabled.campaigns.map(|c| c.rules.limits),
+                _ => enabled.store_revenue.map(|c| c.rules.limits),
+            }
+            .expect("enabled above")
+        })
+    };
+    match kind {
+        RulesKind::Campaign => {
+            let l = limits(
+                config.campaigns.as_ref().map(|c| c.rules.limits.clone()),
+                "campaigns",
+            );
+            let engine = campaigns::contract::RulesEngine::new(l)?;
+            Ok(engine.load_file(file)?.identity().to_string())
+        }
+        RulesKind::Sales => {
+            let l = limits(
+                config
+                    .store_revenue
+                    .as_ref()
+                    .map(|c| c.rules.limits.clone()),
+                "store_revenue",
+            );
+            let engine = store_revenue::contract::RulesEngine::new(l)?;
+            Ok(engine.load_file(file)?.identity().to_string())
+        }
+    }
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -341,19 +396,48 @@ async fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Rules {
-            command: RulesCommand::Check { file },
+            command: RulesCommand::Check { file, kind },
         } => {
             let config = load_config(None)?;
-            let limits = config
-                .campaigns
-                .map(|c| c.rules.limits)
-                .context("the campaign pipeline is disabled; its limits are needed")?;
-            let engine = runner::pipelines::campaigns::contract::RulesEngine::new(limits)?;
-            let loaded = engine
-                .load_file(&file)
-                .with_context(|| format!("{} would be refused", file.display()))?;
-            println!("{} is accepted: {}", file.display(), loaded.identity());
-            Ok(())
+            let kinds = match kind {
+                Some(k) => vec![k],
+                None => vec![RulesKind::Campaign, RulesKind::Sales],
+            };
+            let mut refusals = Vec::new();
+            for k in kinds {
+                match check_rules(&file, k, &config) {
+                    Ok(identity) => {
+                        println!(
+                            "{} is accepted as {} rules: {identity}",
+                            file.display(),
+                            format!("{k:?}").to_lowercase()
+                        );
+                        return Ok(());
+                    }
+                    // Another pipeline's world: try the next kind.
+                    Err(e)
+                        if kind.is_none()
+                            && e.downcast_ref::<runner::sandbox::LoadError>().is_some_and(
+                                |l| {
+                                    // Refusals that another pipeline's world explains.
+                                    matches!(
+                                        l.code(),
+                                        "wrong_world" | "forbidden_import" | "incompatible_version"
+                                    )
+                                },
+                            ) =>
+                    {
+                        refusals.push(e)
+                    }
+                    Err(e) => return Err(e.context(format!("{} would be refused", file.display()))),
+                }
+            }
+            let why: Vec<String> = refusals.iter().map(|e| e.to_string()).collect();
+            anyhow::bail!(
+                "{} would be refused: it fits no pipeline's rules ({})",
+                file.display(),
+                why.join("; ")
+            )
         }
         Command::Produce {
             command: ProduceCommand::Sales(args),

@@ -515,3 +515,19 @@ pub fn sales_config(kafka: &SalesKafka, db: &TestDb, extra: &str) -> Config {
     })
     .expect("test config is valid")
 }
+
+/// The runner binary next to the test binary (built by `cargo test --workspace`).
+pub fn runner_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/debug")
+        .join("runner");
+    assert!(
+        bin.exists(),
+        "{} is missing: build with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}

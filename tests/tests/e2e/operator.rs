@@ -92,3 +92,36 @@ async fn campaigns_from_kcat_come_out_in_kcat() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `runner rules check` as an operator runs it before shipping a component: which pipeline's
+/// rules it is, or why it would be refused, in the exit status too.
+#[test]
+fn rules_check_says_which_pipeline_a_component_is_for_or_why_it_is_refused() {
+    let check = |file: &std::path::Path, kind: Option<&str>| {
+        let mut c = Command::new(runner_binary());
+        c.args(["--log", "error", "rules", "check"]);
+        if let Some(k) = kind {
+            c.args(["--kind", k]);
+        }
+        let out = c.arg(file).output().expect("the runner runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = check(&sales_wasm(), None);
+    assert!(
+        ok && text.contains("accepted as sales rules: sales-rules 1.0.0"),
+        "{text}"
+    );
+    let (ok, text) = check(&rules_wasm(), None);
+    assert!(ok && text.contains("accepted as campaign rules"), "{text}");
+    let (ok, text) = check(&sales_wasm(), Some("campaign"));
+    assert!(!ok && text.contains("would be refused"), "{text}");
+    let (ok, text) = check(&fixture("wasi-import.wasm"), None);
+    assert!(
+        !ok && text.contains("fits no pipeline's rules") && text.contains("no WASI"),
+        "{text}"
+    );
+}

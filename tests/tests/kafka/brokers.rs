@@ -154,21 +154,6 @@ impl Drop for Kafka {
     }
 }
 
-pub(crate) fn runner_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/debug")
-        .join("runner");
-    assert!(
-        bin.exists(),
-        "{} is missing: build with `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
-
 pub(crate) fn terminate(child: &mut ChildGuard) -> Result<std::process::ExitStatus> {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
