@@ -494,7 +494,13 @@ impl Events {
         if n == 0 {
             return;
         }
-        tracing::warn!(pipeline = %self.pipeline, reason = code, messages = n, example, "Messages dead-lettered.");
+        // Late data is expected in a stream (each one is in the dead-letter topic with its
+        // window): not a warning.
+        if code == "late" {
+            tracing::info!(pipeline = %self.pipeline, reason = code, messages = n, example, "Messages dead-lettered.");
+        } else {
+            tracing::warn!(pipeline = %self.pipeline, reason = code, messages = n, example, "Messages dead-lettered.");
+        }
         *self
             .dead_lettered
             .lock()

@@ -30,6 +30,7 @@ pub struct RawStoreRevenue {
     pub console: bool,
     pub batch_max_messages: usize,
     pub max_pending_dead_letters: usize,
+    pub parallel_commits: usize,
     pub max_message_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub sink_retry_max_backoff: Duration,
@@ -76,6 +77,9 @@ pub struct StoreRevenueConfig {
     pub batch_max_messages: usize,
     /// State is committed before the next trigger when this many dead letters wait.
     pub max_pending_dead_letters: usize,
+    /// Partitions committed (and published) at the same time, each on its own PostgreSQL
+    /// connection.
+    pub parallel_commits: usize,
     pub max_message_bytes: usize,
     pub sink_retry_max_backoff: Duration,
     pub shutdown_timeout: Duration,
@@ -146,6 +150,7 @@ impl RawStoreRevenue {
         for (name, v) in [
             ("batch_max_messages", self.batch_max_messages),
             ("max_pending_dead_letters", self.max_pending_dead_letters),
+            ("parallel_commits", self.parallel_commits),
             ("max_message_bytes", self.max_message_bytes),
         ] {
             if v == 0 {
@@ -175,6 +180,7 @@ impl RawStoreRevenue {
             console: self.console,
             batch_max_messages: self.batch_max_messages,
             max_pending_dead_letters: self.max_pending_dead_letters,
+            parallel_commits: self.parallel_commits,
             max_message_bytes: self.max_message_bytes,
             sink_retry_max_backoff: self.sink_retry_max_backoff,
             shutdown_timeout: self.shutdown_timeout,

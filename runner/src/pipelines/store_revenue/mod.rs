@@ -72,6 +72,12 @@ pub async fn start(shared: &Shared, cfg: &StoreRevenueConfig) -> Result<(Running
     let mut consumer_config = shared.kafka.consumer_config(&cfg.group_id);
     // The end of a partition is how an idle partition is told from a lagging one.
     consumer_config.set("enable.partition.eof", "true");
+    // librdkafka pauses fetching a partition for `fetch.queue.backoff.ms` (1 s by default) once
+    // its local queue is full; one compressed fetch of small sales fills it, so the default
+    // holds the pipeline to about a fifth of what it counts otherwise (bench-results/windows.md).
+    if consumer_config.get("fetch.queue.backoff.ms").is_none() {
+        consumer_config.set("fetch.queue.backoff.ms", "10");
+    }
     let (consumer, rebalances) = crate::source::subscribe(&consumer_config, &cfg.input_topic)
         .context("creating the Kafka consumer")?;
     let probe = tokio::spawn(crate::source::probe(
@@ -94,7 +100,9 @@ pub async fn start(shared: &Shared, cfg: &StoreRevenueConfig) -> Result<(Running
             plain_offset_commits: shared.mock_cluster,
         },
         SalesEvaluator::new(rules.clone()),
-        state::State::new(shared.postgres.as_str().to_string(), units),
+        (0..cfg.parallel_commits)
+            .map(|_| state::State::new(shared.postgres.as_str().to_string(), units))
+            .collect(),
         shared.instance_id.clone(),
         events.clone(),
         shared.clock.clone(),

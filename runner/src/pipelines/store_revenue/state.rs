@@ -5,7 +5,7 @@
 
 use super::windows::{Delta, PartitionTime, WindowKey};
 use crate::db::{self, DbError};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use tokio_postgres::{Client, Statement};
 
 const SCHEMA_SQL: &str = include_str!("sql/schema.sql");
@@ -80,7 +80,7 @@ pub struct PartitionWrite<'a> {
     pub time: PartitionTime,
     /// The position the last committed transaction left (what PostgreSQL must still hold).
     pub from_offset: i64,
-    pub deltas: &'a BTreeMap<WindowKey, Delta>,
+    pub deltas: &'a HashMap<WindowKey, Delta>,
     pub outbox: &'a [OutboxEntry],
     /// Outbox entries up to this id were published: deleted in the same transaction.
     pub published_through: Option<i64>,
@@ -268,8 +268,10 @@ impl State {
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
             );
-            // BTreeMap order: by store, then window (the lock order every partition uses).
-            for ((store, start), d) in w.deltas {
+            // By store, then window: the lock order every partition uses.
+            let mut sorted: Vec<(&WindowKey, &Delta)> = w.deltas.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for ((store, start), d) in sorted {
                 stores.push(store.as_str());
                 starts.push(*start);
                 amounts.push(d.amount_minor);

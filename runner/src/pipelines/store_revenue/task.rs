@@ -94,7 +94,8 @@ pub struct Revenue {
     kafka: Kafka,
     evaluator: Option<SalesEvaluator>,
     packed: Option<PackedPayloads>,
-    state: State,
+    /// One connection per partition committed at the same time (`parallel_commits`).
+    states: Vec<State>,
     owned: BTreeMap<i32, Owned>,
     /// Partitions whose producer was lost: taken over again while assigned to this runner.
     lost: BTreeSet<i32>,
@@ -135,7 +136,7 @@ impl Revenue {
         cfg: StoreRevenueConfig,
         kafka: Kafka,
         evaluator: SalesEvaluator,
-        state: State,
+        states: Vec<State>,
         instance_id: String,
         events: Arc<Events>,
         clock: Arc<dyn Clock>,
@@ -150,7 +151,7 @@ impl Revenue {
             kafka,
             evaluator: Some(evaluator),
             packed: Some(PackedPayloads::default()),
-            state,
+            states,
             owned: BTreeMap::new(),
             lost: BTreeSet::new(),
             instance_id,
@@ -341,14 +342,13 @@ impl Revenue {
         let (kafka_offset, published) = self.committed(p, &mut stop).await?;
         let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
         let claimed = loop {
-            match self
-                .state
+            match self.states[0]
                 .claim(&topic, p, kafka_offset.unwrap_or(0), &self.instance_id)
                 .await
             {
                 Ok(c) => break c,
                 Err(e) => {
-                    self.state.reset();
+                    self.states[0].reset();
                     backoff
                         .wait(&mut stop, |a, pause| {
                             self.events.sink_retry("postgres", &e, a, pause)
@@ -369,12 +369,19 @@ impl Revenue {
             counted: 0,
             published_through: published.unwrap_or(0),
             unpublished: true,
-            kafka_offset,
+            // A partition never counted has nothing for Kafka to catch up on.
+            kafka_offset: kafka_offset.or((claimed.next_offset == 0).then_some(0)),
             caught_up: false,
             last_message: Instant::now(),
             idle: false,
         };
-        match self.publish(p, &mut owned, &mut stop).await? {
+        let mut state = std::mem::take(&mut self.states);
+        let flight = self
+            .ctx()
+            .publish(&mut state[0], p, &mut owned, &mut stop)
+            .await;
+        self.states = state;
+        match flight? {
             Flight::Published => {}
             Flight::Fenced => return Ok(()),
             Flight::Lost => {
@@ -598,7 +605,9 @@ impl Revenue {
     }
 
     /// Commits every changed partition's state, makes final what the watermarks allow,
-    /// publishes the outboxes, prints the table.
+    /// publishes the outboxes, prints the table. Partitions are committed and published at the
+    /// same time, each on a connection of its own (up to `parallel_commits`); the partition that
+    /// makes windows final goes last, so that it sees the others' new watermarks.
     async fn trigger(&mut self, stop: &watch::Receiver<bool>) -> Result<(), Abandoned> {
         let now = self.clock.now();
         for o in self.owned.values_mut() {
@@ -613,65 +622,48 @@ impl Revenue {
             self.partition_count().await
         };
         let finalizer = self.owned.keys().next().copied();
-        let keys: Vec<i32> = self.owned.keys().copied().collect();
+        let dirty: Vec<i32> = self
+            .owned
+            .iter()
+            .filter(|(p, o)| {
+                Some(**p) != finalizer
+                    && (!o.pending.is_empty()
+                        || !o.dead_letters.is_empty()
+                        || o.next_offset != o.committed_offset
+                        || o.time != o.committed_time)
+            })
+            .map(|(p, _)| *p)
+            .collect();
         let mut changed: BTreeMap<(String, i64), WindowRow> = BTreeMap::new();
-        for p in keys {
-            let finalize = (Some(p) == finalizer)
-                .then_some(partitions)
-                .flatten()
-                .map(|n| Finalize { partitions: n });
-            let Some(o) = self.owned.get(&p) else {
-                continue;
-            };
-            let dirty = !o.pending.is_empty()
-                || !o.dead_letters.is_empty()
-                || o.next_offset != o.committed_offset
-                || o.time != o.committed_time;
-            if !dirty && finalize.is_none() {
-                continue;
-            }
-            let written = match self.commit(p, finalize, stop.clone()).await? {
-                Some(w) => w,
-                None => continue,
-            };
-            if finalize.is_some() {
-                self.stats.global_watermark = written.global_watermark;
-            }
-            self.stats.windows_updated += written.updated.len() as u64;
-            self.stats.windows_final += written.finalized.len() as u64;
-            let m = self.events.metrics();
-            let labels = [self.events.pipeline()];
-            m.windows_updated
-                .with_label_values(&labels)
-                .inc_by(written.updated.len() as u64);
-            m.windows_final
-                .with_label_values(&labels)
-                .inc_by(written.finalized.len() as u64);
-            for r in written.updated.into_iter().chain(written.finalized) {
-                changed.insert((r.store.clone(), r.window_start), r);
-            }
+        let mut rounds: Vec<Vec<(i32, Option<Finalize>)>> = dirty
+            .chunks(self.states.len())
+            .map(|c| c.iter().map(|p| (*p, None)).collect())
+            .collect();
+        if let Some(f) = finalizer {
+            rounds.push(vec![(f, partitions.map(|n| Finalize { partitions: n }))]);
         }
-        let keys: Vec<i32> = self.owned.keys().copied().collect();
-        for p in keys {
-            let Some(mut o) = self.owned.remove(&p) else {
-                continue;
-            };
-            let moved = o.kafka_offset != Some(o.committed_offset);
-            if !o.unpublished && !moved {
-                self.owned.insert(p, o);
-                continue;
-            }
-            let mut stop = stop.clone();
-            match self.publish(p, &mut o, &mut stop).await? {
-                Flight::Published => {
-                    self.owned.insert(p, o);
+        for round in rounds {
+            for (_, finalize, written) in self.commit(&round, stop).await? {
+                let Some(written) = written else { continue };
+                if finalize.is_some() {
+                    self.stats.global_watermark = written.global_watermark;
                 }
-                Flight::Fenced => {}
-                Flight::Lost => {
-                    self.lost.insert(p);
+                self.stats.windows_updated += written.updated.len() as u64;
+                self.stats.windows_final += written.finalized.len() as u64;
+                let m = self.events.metrics();
+                let labels = [self.events.pipeline()];
+                m.windows_updated
+                    .with_label_values(&labels)
+                    .inc_by(written.updated.len() as u64);
+                m.windows_final
+                    .with_label_values(&labels)
+                    .inc_by(written.finalized.len() as u64);
+                for r in written.updated.into_iter().chain(written.finalized) {
+                    changed.insert((r.store.clone(), r.window_start), r);
                 }
             }
         }
+        self.publish_all(stop).await?;
         self.report();
         if let Some(console) = self.console.as_ref().filter(|_| !changed.is_empty()) {
             console.print(now, self.stats.global_watermark, changed.values());
@@ -679,116 +671,243 @@ impl Revenue {
         Ok(())
     }
 
-    /// One partition's transaction, retried while PostgreSQL fails. None: fenced (the
-    /// partition is dropped).
+    /// The transactions of `round`'s partitions, at the same time, each retried while
+    /// PostgreSQL fails; the outcome of each (None: fenced, the partition is dropped).
     async fn commit(
         &mut self,
-        p: i32,
-        finalize: Option<Finalize>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<Option<Written>, Abandoned> {
+        round: &[(i32, Option<Finalize>)],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<(i32, Option<Finalize>, Option<Written>)>, Abandoned> {
         let topic = self.cfg.input_topic.clone();
-        let units_window = self.cfg.window_secs;
-        let digits = self.cfg.minor_digits;
-        let output_topic_record = move |r: &WindowRow| final_record(r, units_window, digits);
-        let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
+        let (window_secs, digits) = (self.cfg.window_secs, self.cfg.minor_digits);
+        let record = move |r: &WindowRow| final_record(r, window_secs, digits);
         let started = Instant::now();
-        loop {
-            let o = self.owned.get(&p).expect("held");
-            let entries: Vec<OutboxEntry> = o.dead_letters.iter().map(|(_, e)| e.clone()).collect();
-            let write = PartitionWrite {
-                topic: &topic,
-                partition: p,
-                epoch: o.epoch,
-                next_offset: o.next_offset,
-                time: o.time,
-                from_offset: o.committed_offset,
-                deltas: &o.pending.deltas,
-                outbox: &entries,
-                published_through: (o.published_through > 0).then_some(o.published_through),
-            };
-            match self
-                .state
-                .write(&write, finalize, &output_topic_record)
-                .await
-            {
-                Ok(written) => {
-                    let o = self.owned.get_mut(&p).expect("held");
-                    let messages = (o.next_offset - o.committed_offset).max(0) as u64;
-                    o.committed_offset = o.next_offset;
-                    o.committed_time = o.time;
-                    o.pending = Pending::default();
-                    let dead = std::mem::take(&mut o.dead_letters);
-                    o.unpublished |= !dead.is_empty() || !written.finalized.is_empty();
-                    let counted = std::mem::take(&mut o.counted);
-                    self.events
-                        .delivered_many(counted, written.finalized.len() as u64);
-                    let mut by_code: BTreeMap<&'static str, (u64, String)> = BTreeMap::new();
-                    for (code, e) in &dead {
-                        let slot = by_code.entry(code).or_insert_with(|| (0, String::new()));
-                        slot.0 += 1;
-                        if slot.1.is_empty() {
-                            slot.1 = e
-                                .headers
-                                .iter()
-                                .find(|(k, _)| k == headers::DLQ_DETAIL)
-                                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                                .unwrap_or_default();
+        let mut states = std::mem::take(&mut self.states);
+        let outcomes = {
+            let owned = &self.owned;
+            let events = &*self.events;
+            let max_backoff = self.cfg.sink_retry_max_backoff;
+            let entries: Vec<Vec<OutboxEntry>> = round
+                .iter()
+                .map(|(p, _)| {
+                    owned[p]
+                        .dead_letters
+                        .iter()
+                        .map(|(_, e)| e.clone())
+                        .collect()
+                })
+                .collect();
+            let writes = round.iter().zip(&entries).map(|((p, finalize), entries)| {
+                let o = &owned[p];
+                (
+                    PartitionWrite {
+                        topic: &topic,
+                        partition: *p,
+                        epoch: o.epoch,
+                        next_offset: o.next_offset,
+                        time: o.time,
+                        from_offset: o.committed_offset,
+                        deltas: &o.pending.deltas,
+                        outbox: entries,
+                        published_through: (o.published_through > 0).then_some(o.published_through),
+                    },
+                    *finalize,
+                )
+            });
+            let record = &record;
+            futures::future::join_all(writes.zip(states.iter_mut()).map(
+                |((w, finalize), state)| {
+                    let mut stop = stop.clone();
+                    async move {
+                        let mut backoff = Backoff::new(max_backoff);
+                        loop {
+                            match state.write(&w, finalize, record).await {
+                                Ok(written) => return Ok(Some(written)),
+                                Err(StateError::Fenced(..)) => return Ok(None),
+                                Err(StateError::Db(e)) => {
+                                    state.reset();
+                                    backoff
+                                        .wait(&mut stop, |a, pause| {
+                                            events.sink_retry("postgres", &e, a, pause)
+                                        })
+                                        .await?;
+                                }
+                            }
                         }
                     }
-                    for (code, (n, example)) in by_code {
-                        if code == "late" {
-                            self.stats.late += n;
-                        }
-                        self.events.dead_lettered_many(code, n, &example);
-                    }
-                    self.events.batch_committed(
-                        messages as usize,
-                        written.finalized.len(),
-                        started.elapsed(),
-                    );
-                    for r in written.updated.iter().filter(|r| r.final_) {
-                        tracing::error!(pipeline = self.events.pipeline(), store = %r.store, window_start = r.window_start, "Sales were added to a window already final; its published total is short of them.");
-                    }
-                    return Ok(Some(written));
-                }
-                Err(StateError::Fenced(..)) => {
-                    self.events.fenced(&topic, p, "postgres");
-                    self.owned.remove(&p);
-                    return Ok(None);
-                }
-                Err(StateError::Db(e)) => {
-                    self.state.reset();
-                    backoff
-                        .wait(&mut stop, |a, pause| {
-                            self.events.sink_retry("postgres", &e, a, pause)
-                        })
-                        .await?;
+                },
+            ))
+            .await
+        };
+        self.states = states;
+        let mut out = Vec::with_capacity(round.len());
+        for ((p, finalize), outcome) in round.iter().zip(outcomes) {
+            let written = outcome?;
+            match &written {
+                Some(w) => self.durable(*p, w, started),
+                None => {
+                    self.events.fenced(&topic, *p, "postgres");
+                    self.owned.remove(p);
                 }
             }
+            out.push((*p, *finalize, written));
+        }
+        Ok(out)
+    }
+
+    /// A partition's transaction committed: what it held is durable.
+    fn durable(&mut self, p: i32, written: &Written, started: Instant) {
+        let Some(o) = self.owned.get_mut(&p) else {
+            return;
+        };
+        let messages = (o.next_offset - o.committed_offset).max(0) as u64;
+        o.committed_offset = o.next_offset;
+        o.committed_time = o.time;
+        o.pending = Pending::default();
+        let dead = std::mem::take(&mut o.dead_letters);
+        o.unpublished |= !dead.is_empty() || !written.finalized.is_empty();
+        let counted = std::mem::take(&mut o.counted);
+        self.events
+            .delivered_many(counted, written.finalized.len() as u64);
+        let mut by_code: BTreeMap<&'static str, (u64, String)> = BTreeMap::new();
+        for (code, e) in &dead {
+            let slot = by_code.entry(code).or_insert_with(|| (0, String::new()));
+            slot.0 += 1;
+            if slot.1.is_empty() {
+                slot.1 = e
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == headers::DLQ_DETAIL)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+            }
+        }
+        for (code, (n, example)) in by_code {
+            if code == "late" {
+                self.stats.late += n;
+            }
+            self.events.dead_lettered_many(code, n, &example);
+        }
+        self.events.batch_committed(
+            messages as usize,
+            written.finalized.len(),
+            started.elapsed(),
+        );
+        for r in written.updated.iter().filter(|r| r.final_) {
+            tracing::error!(pipeline = self.events.pipeline(), store = %r.store, window_start = r.window_start, "Sales were added to a window already final; its published total is short of them.");
         }
     }
 
+    /// Publishes every partition that has outbox entries waiting or a position Kafka lacks, at
+    /// the same time (each partition has its own producer).
+    async fn publish_all(&mut self, stop: &watch::Receiver<bool>) -> Result<(), Abandoned> {
+        let due: Vec<i32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.unpublished || o.kafka_offset != Some(o.committed_offset))
+            .map(|(p, _)| *p)
+            .collect();
+        for chunk in due.chunks(self.states.len()) {
+            let mut taken: Vec<(i32, Owned)> = chunk
+                .iter()
+                .filter_map(|p| self.owned.remove(p).map(|o| (*p, o)))
+                .collect();
+            let mut states = std::mem::take(&mut self.states);
+            let flights = {
+                let ctx = self.ctx();
+                futures::future::join_all(taken.iter_mut().zip(states.iter_mut()).map(
+                    |((p, o), state)| {
+                        let mut stop = stop.clone();
+                        async move { ctx.publish(state, *p, o, &mut stop).await }
+                    },
+                ))
+                .await
+            };
+            self.states = states;
+            for ((p, o), flight) in taken.into_iter().zip(flights) {
+                match flight? {
+                    Flight::Published => {
+                        self.owned.insert(p, o);
+                    }
+                    Flight::Fenced => {}
+                    Flight::Lost => {
+                        self.lost.insert(p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            cfg: &self.cfg,
+            kafka: &self.kafka,
+            events: &self.events,
+        }
+    }
+
+    fn report(&mut self) {
+        let m = self.events.metrics();
+        let pipeline = self.events.pipeline();
+        for (p, o) in &self.owned {
+            if let Some(w) = o.committed_time.watermark {
+                m.watermark
+                    .with_label_values(&[pipeline, &p.to_string()])
+                    .set(w);
+            }
+        }
+        if let Some(w) = self.stats.global_watermark {
+            m.topic_watermark.with_label_values(&[pipeline]).set(w);
+        }
+        self.stats.partitions = self
+            .owned
+            .iter()
+            .map(|(p, o)| {
+                (
+                    *p,
+                    PartitionTimeStats {
+                        watermark: o.committed_time.watermark,
+                        max_event_time: o.committed_time.max_event_time,
+                        next_offset: o.committed_offset,
+                        idle: o.idle,
+                    },
+                )
+            })
+            .collect();
+        self.events.set_windows(self.stats.clone());
+    }
+}
+
+/// What publishing needs of the loop, shared by partitions published at the same time.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    cfg: &'a StoreRevenueConfig,
+    kafka: &'a Kafka,
+    events: &'a Events,
+}
+
+impl Ctx<'_> {
     /// Publishes the partition's outbox entries after `published_through` with its committed
     /// offset, in Kafka transactions of at most `PUBLISH_CHUNK` entries; then deletes them.
     async fn publish(
-        &mut self,
+        &self,
+        state: &mut State,
         p: i32,
         o: &mut Owned,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Flight, Abandoned> {
-        let topic = self.cfg.input_topic.clone();
+        let topic = &self.cfg.input_topic;
         loop {
             let mut backoff = Backoff::new(self.cfg.sink_retry_max_backoff);
             let entries = loop {
-                match self
-                    .state
-                    .load_outbox(&topic, p, o.published_through, PUBLISH_CHUNK)
+                match state
+                    .load_outbox(topic, p, o.published_through, PUBLISH_CHUNK)
                     .await
                 {
                     Ok(e) => break e,
                     Err(e) => {
-                        self.state.reset();
+                        state.reset();
                         backoff
                             .wait(stop, |a, pause| {
                                 self.events.sink_retry("postgres", &e, a, pause)
@@ -810,13 +929,12 @@ impl Revenue {
             if through > o.published_through {
                 o.published_through = through;
                 // Deleted now, or by the partition's next transaction.
-                if self
-                    .state
-                    .delete_outbox(&topic, p, o.epoch, through)
+                if state
+                    .delete_outbox(topic, p, o.epoch, through)
                     .await
                     .is_err()
                 {
-                    self.state.reset();
+                    state.reset();
                 }
             }
             if (entries.len() as i64) < PUBLISH_CHUNK {
@@ -825,7 +943,6 @@ impl Revenue {
             }
         }
     }
-
     /// One Kafka transaction: `entries` and the partition's offset, with `through` as its
     /// metadata; aborted transactions are tried again.
     async fn transaction(
@@ -902,37 +1019,6 @@ impl Revenue {
                 }
             }
         }
-    }
-
-    fn report(&mut self) {
-        let m = self.events.metrics();
-        let pipeline = self.events.pipeline();
-        for (p, o) in &self.owned {
-            if let Some(w) = o.committed_time.watermark {
-                m.watermark
-                    .with_label_values(&[pipeline, &p.to_string()])
-                    .set(w);
-            }
-        }
-        if let Some(w) = self.stats.global_watermark {
-            m.topic_watermark.with_label_values(&[pipeline]).set(w);
-        }
-        self.stats.partitions = self
-            .owned
-            .iter()
-            .map(|(p, o)| {
-                (
-                    *p,
-                    PartitionTimeStats {
-                        watermark: o.committed_time.watermark,
-                        max_event_time: o.committed_time.max_event_time,
-                        next_offset: o.committed_offset,
-                        idle: o.idle,
-                    },
-                )
-            })
-            .collect();
-        self.events.set_windows(self.stats.clone());
     }
 }
 

@@ -13,7 +13,7 @@
 //! - a window is final when every partition's watermark has reached its end (decided in
 //!   PostgreSQL, over the partitions of every runner: `state.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// Window size and allowed lateness, whole seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,7 @@ pub enum Counted {
 /// The sums a partition has gathered since its state was last committed.
 #[derive(Debug, Default)]
 pub struct Pending {
-    pub deltas: BTreeMap<WindowKey, Delta>,
+    pub deltas: HashMap<WindowKey, Delta>,
 }
 
 impl Pending {
