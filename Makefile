@@ -67,6 +67,7 @@ bench: transforms
 	$(BENCH) fanout --rules $(CAMPAIGN_WASM)
 	$(BENCH) latency --rules $(CAMPAIGN_WASM) --v2 $(FIXTURES)/campaign-rules-v2.wasm
 	$(BENCH) cache
+	$(BENCH) windows --rules $(SALES_WASM)
 
 lint:
 	cargo fmt --all -- --check

@@ -8,6 +8,7 @@
 //!    ceiling of (1).
 
 use crate::broker::{Broker, INPUT_PARTITIONS};
+use crate::cpu::machine_busy_secs;
 use crate::report::Report;
 use anyhow::{Context, Result};
 use futures::pin_mut;
@@ -26,25 +27,6 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
 
 const NOW: i64 = 1_700_000_000;
-
-/// CPU time the whole machine has spent busy (every process, every core), in seconds, from
-/// /proc/stat (in USER_HZ = 1/100 s on Linux). The sinks, the broker and the runner share the
-/// machine, so a phase's busy time per item is what that phase costs the machine.
-fn machine_busy_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal …: busy is user, nice, system, irq and
-    // softirq (not idle, iowait, nor time the hypervisor gave to someone else).
-    let busy: f64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
-    busy / 100.0
-}
 
 /// A phase's rate (items/s) and the machine's busy CPU time per item (µs) over the same
 /// window.

@@ -4,10 +4,12 @@
 
 mod broker;
 mod cache;
+mod cpu;
 mod fanout;
 mod latency;
 mod report;
 mod rules;
+mod windows;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -72,6 +74,25 @@ enum Workload {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Store revenue end to end (rules in WASM, windows, state committed to PostgreSQL) against
+    /// the broker's consume ceiling in the same run, and the sales rules WASM vs native.
+    Windows {
+        #[arg(long, default_value = "build/wasm/sales-rules.wasm")]
+        rules: std::path::PathBuf,
+        /// Sales preloaded, and read end to end, each run.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1000)]
+        stores: u32,
+        /// Sales validated each way in the rules phase (at most `events`).
+        #[arg(long, default_value_t = 1_000_000)]
+        rules_events: usize,
+        /// The sales generator's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The rules as WASM against the same rules compiled natively, per draft.
     Rules {
         #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
@@ -119,6 +140,25 @@ async fn main() -> Result<()> {
             subscribers,
             runs,
         } => fanout::run(&cli.admin_url, &rules, campaigns, subscribers, runs).await?,
+        Workload::Windows {
+            rules,
+            events,
+            stores,
+            rules_events,
+            seed,
+            runs,
+        } => {
+            windows::run(
+                &cli.admin_url,
+                &rules,
+                events,
+                stores,
+                rules_events,
+                seed,
+                runs,
+            )
+            .await?
+        }
         Workload::Cache {
             subscriptions,
             restaurants,
