@@ -21,6 +21,8 @@ pub struct Figure {
 pub struct Report {
     pub workload: String,
     pub machine: String,
+    /// When the workload ran (UTC, RFC 3339).
+    pub date: String,
     pub notes: Vec<String>,
     pub figures: Vec<Figure>,
 }
@@ -79,6 +81,7 @@ impl Report {
         Report {
             workload: workload.into(),
             machine: machine(),
+            date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             notes: Vec::new(),
             figures: Vec::new(),
         }
@@ -104,7 +107,10 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let mut s = format!("### {}\n\nMachine: {}\n\n", self.workload, self.machine);
+        let mut s = format!(
+            "### {}\n\nMachine: {}\n\nRun: {}\n\n",
+            self.workload, self.machine, self.date
+        );
         s += "| figure | median | min – max | unit | target | met |\n|---|---:|---:|---|---|---|\n";
         for f in &self.figures {
             s += &format!(
