@@ -32,6 +32,47 @@ impl DbError {
         }
     }
 
+    /// Whose fault a failed write is, and so what the runner does about it.
+    pub fn class(&self) -> FailureClass {
+        if self.is_transient() {
+            return FailureClass::Transient;
+        }
+        let code = match self {
+            DbError::Statement(e) => e.as_db_error().map(|d| d.code().code().to_string()),
+            _ => None,
+        };
+        match code.as_deref() {
+            // Data exceptions (a value out of range, a byte the encoding refuses, a string too
+            // long) and integrity constraint violations (not null, check, foreign key): the
+            // rows a message came to cannot be stored.
+            Some(c) if c.starts_with("22") || c.starts_with("23") => FailureClass::Content,
+            _ => FailureClass::Operator,
+        }
+    }
+
+    /// The SQLSTATE, when PostgreSQL gave one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::Unavailable(e) | DbError::Statement(e) => {
+                e.as_db_error().map(|d| d.code().code())
+            }
+            _ => None,
+        }
+    }
+
+    /// PostgreSQL's own message and detail, when it gave them.
+    pub fn server_message(&self) -> Option<String> {
+        match self {
+            DbError::Unavailable(e) | DbError::Statement(e) => {
+                e.as_db_error().map(|d| match d.detail() {
+                    Some(detail) => format!("{}: {detail}", d.message()),
+                    None => d.message().to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Worth retrying: the world's fault, not ours nor the input's.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -45,6 +86,21 @@ impl DbError {
             DbError::FeedLost(_) => true,
         }
     }
+}
+
+/// The three kinds of sink failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The connection, a timeout, a serialization failure, the server shutting down: retried
+    /// with jittered backoff.
+    Transient,
+    /// Refused for the content of what one message came to: that message is dead-lettered
+    /// (`sink_refused`), the rest delivered.
+    Content,
+    /// The schema changed under the runner, a permission, a full disk: an operator must act.
+    /// The partition waits (retrying slowly) and says so in `/health` and once a minute in
+    /// the log.
+    Operator,
 }
 
 /// A PostgreSQL connection string; its password is never printed.

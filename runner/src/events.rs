@@ -210,6 +210,8 @@ pub struct Events {
     running: AtomicBool,
     rules: Mutex<RulesStatus>,
     windows: Mutex<Option<WindowStats>>,
+    /// When a blocked sink was last logged, and the attempts since.
+    blocked: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 impl Default for Events {
@@ -244,6 +246,7 @@ impl Events {
             running: AtomicBool::new(false),
             rules: Mutex::default(),
             windows: Mutex::default(),
+            blocked: Mutex::default(),
         }
     }
 
@@ -540,6 +543,31 @@ impl Events {
         self.offsets_stored.inc_by(messages as u64);
     }
 
+    /// A sink refuses writes for a reason only an operator can remove (the schema changed, a
+    /// permission, a full disk): degraded (`postgres_blocked`) until a write succeeds; logged
+    /// at once, then at most once a minute with the number of attempts in between.
+    pub fn sink_blocked(&self, sink: &'static str, error: &dyn fmt::Display, code: Option<&str>) {
+        self.failing(sink).store(true, Ordering::Relaxed);
+        let labels = [self.pipeline.as_str(), sink];
+        self.metrics.sink_failing.with_label_values(&labels).set(1);
+        self.metrics.sink_retries.with_label_values(&labels).inc();
+        self.condition(
+            match sink {
+                "kafka" => "kafka_blocked",
+                _ => "postgres_blocked",
+            },
+            true,
+        );
+        let mut b = self.blocked.lock().expect("stats lock");
+        b.1 += 1;
+        if b.0
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60))
+        {
+            tracing::error!(pipeline = %self.pipeline, sink, sqlstate = code.unwrap_or("-"), error = %error, attempts = b.1, "The sink refuses the write for a reason only an operator can remove; the partition waits and retries. Said again in a minute if it lasts.");
+            *b = (Some(std::time::Instant::now()), 0);
+        }
+    }
+
     fn failing(&self, sink: &'static str) -> &AtomicBool {
         match sink {
             "kafka" => &self.kafka_failing,
@@ -548,6 +576,20 @@ impl Events {
     }
 
     fn sink_recovered(&self, sink: &'static str) {
+        let blocked = match sink {
+            "kafka" => "kafka_blocked",
+            _ => "postgres_blocked",
+        };
+        if self
+            .conditions
+            .lock()
+            .expect("stats lock")
+            .insert(blocked, false)
+            .unwrap_or(false)
+        {
+            tracing::info!(pipeline = %self.pipeline, sink, "The sink takes writes again.");
+            *self.blocked.lock().expect("stats lock") = (None, 0);
+        }
         if self.failing(sink).swap(false, Ordering::Relaxed) {
             self.metrics
                 .sink_failing

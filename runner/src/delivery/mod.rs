@@ -177,10 +177,15 @@ struct Owned {
     published_through: Option<i64>,
 }
 
-/// A unit's PostgreSQL transaction committed: its outbox entries, and which of their records
-/// are to be published. None when the partition was taken by another runner (the unit is left
-/// to it).
-type Written = Option<(Vec<OutboxEntry>, Vec<Kept>)>;
+/// What became of a unit's PostgreSQL transaction.
+enum Written {
+    /// Committed: its outbox entries, and which of their records are to be published.
+    Committed(Vec<OutboxEntry>, Vec<Kept>),
+    /// The partition was taken by another runner (the unit is left to it).
+    Fenced,
+    /// Refused for the content of one of its messages' rows.
+    Refused(crate::db::DbError),
+}
 
 /// A partition.
 type Key = (String, i32);
@@ -577,40 +582,26 @@ impl<P: Pipeline> Delivery<P> {
                 }
                 let outcomes = self.write_units(&chunk, &identity, &stop).await;
                 for ((key, group), outcome) in chunk.into_iter().zip(outcomes) {
-                    match outcome {
-                        Ok(Some((entries, kept))) => {
-                            let Some(o) = self.owned.get_mut(&key) else {
-                                continue;
-                            };
-                            let last = group
-                                .last()
-                                .map(|e| e.pos.offset)
-                                .expect("a unit has messages");
-                            o.next_offset = last + 1;
-                            let job = Job {
-                                epoch: o.fence.epoch,
-                                producer: o.producer.clone(),
-                                key,
-                                last,
-                                entries,
-                                kept,
-                                group,
-                                rules: identity.clone(),
-                                started,
-                                written: Instant::now(),
-                                room: None,
-                            };
-                            if let Err(e) = self.stage().send(job).await {
-                                result = Err(e);
-                            }
+                    let handed = match outcome {
+                        Ok(Written::Committed(entries, kept)) => {
+                            self.hand_over(key, group, entries, kept, &identity, started)
+                                .await
                         }
-                        Ok(None) => {
+                        Ok(Written::Fenced) => {
                             // The partition is another runner's now: its unit and the rest of its
                             // messages are left to it.
                             self.owned.remove(&key);
                             parts.remove(&key);
+                            Ok(())
                         }
-                        Err(e) => result = Err(e),
+                        Ok(Written::Refused(e)) => {
+                            self.one_by_one(key, group, e, &identity, started, &stop, &mut parts)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handed {
+                        result = Err(e);
                     }
                 }
                 if result.is_err() {
@@ -623,6 +614,100 @@ impl<P: Pipeline> Delivery<P> {
         }
         self.worker = Some(worker);
         result
+    }
+
+    /// Hands a unit committed in PostgreSQL to the Kafka stage.
+    async fn hand_over(
+        &mut self,
+        key: Key,
+        group: Vec<Evaluated<P::Delivery>>,
+        entries: Vec<OutboxEntry>,
+        kept: Vec<Kept>,
+        rules: &RulesIdentity,
+        started: Instant,
+    ) -> Result<(), Abandoned> {
+        let Some(o) = self.owned.get_mut(&key) else {
+            return Ok(());
+        };
+        let last = group
+            .last()
+            .map(|e| e.pos.offset)
+            .expect("a unit has messages");
+        o.next_offset = last + 1;
+        let job = Job {
+            epoch: o.fence.epoch,
+            producer: o.producer.clone(),
+            key,
+            last,
+            entries,
+            kept,
+            group,
+            rules: rules.clone(),
+            started,
+            written: Instant::now(),
+            room: None,
+        };
+        self.stage().send(job).await
+    }
+
+    /// A unit PostgreSQL refused for the content of one of its messages' rows: its messages
+    /// are written one at a time, and each one refused is dead-lettered (`sink_refused`, with
+    /// the SQLSTATE and PostgreSQL's message) instead; the others are delivered as usual, in
+    /// order, exactly once.
+    #[allow(clippy::too_many_arguments)]
+    async fn one_by_one(
+        &mut self,
+        key: Key,
+        group: Vec<Evaluated<P::Delivery>>,
+        refused: crate::db::DbError,
+        rules: &RulesIdentity,
+        started: Instant,
+        stop: &watch::Receiver<bool>,
+        parts: &mut BTreeMap<Key, VecDeque<OwnedMessage>>,
+    ) -> Result<(), Abandoned> {
+        tracing::info!(pipeline = self.events.pipeline(), topic = %key.0, partition = key.1, messages = group.len(), error = %refused, "PostgreSQL refused a unit's rows; writing its messages one at a time to find which.");
+        for e in group {
+            let mut single = vec![(key.clone(), vec![e])];
+            loop {
+                let outcome = self.write_units(&single, rules, stop).await.pop();
+                match outcome.expect("one outcome per unit")? {
+                    Written::Committed(entries, kept) => {
+                        let (key, group) = single.pop().expect("one unit");
+                        self.hand_over(key, group, entries, kept, rules, started)
+                            .await?;
+                        break;
+                    }
+                    Written::Fenced => {
+                        self.owned.remove(&key);
+                        parts.remove(&key);
+                        return Ok(());
+                    }
+                    Written::Refused(err) => {
+                        let e = &mut single[0].1[0];
+                        if matches!(e.outcome, Outcome::DeadLetter { .. }) {
+                            // Even its dead letter is refused: not the message's content after
+                            // all. Wait for an operator, as for any such refusal.
+                            self.events.sink_blocked("postgres", &err, err.sqlstate());
+                            let mut stop = stop.clone();
+                            if !crate::retry::sleep(self.cfg.sink_retry_max_backoff, &mut stop)
+                                .await
+                            {
+                                return Err(Abandoned);
+                            }
+                            continue;
+                        }
+                        let detail = format!(
+                            "PostgreSQL refused this message's rows: SQLSTATE {}: {}",
+                            err.sqlstate().unwrap_or("-"),
+                            err.server_message().unwrap_or_else(|| err.to_string())
+                        );
+                        tracing::warn!(pipeline = self.events.pipeline(), source = %e.pos, sqlstate = err.sqlstate().unwrap_or("-"), detail, "A message's rows were refused by PostgreSQL; it is dead-lettered (sink_refused).");
+                        e.outcome = Outcome::dead_letter("sink_refused", detail, None);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes units of different partitions to PostgreSQL at the same time, each on its own
@@ -661,7 +746,7 @@ impl<P: Pipeline> Delivery<P> {
         mut stop: watch::Receiver<bool>,
     ) -> Result<Written, Abandoned> {
         let Some(owned) = self.owned.get(key) else {
-            return Ok(None);
+            return Ok(Written::Fenced);
         };
         let (fence, published_through) = (owned.fence.clone(), owned.published_through);
         let entries = self.unit_entries(group, rules);
@@ -680,11 +765,12 @@ impl<P: Pipeline> Delivery<P> {
         self.events
             .stage_time(stages::POSTGRES, t.elapsed().as_micros() as u64);
         match committed {
-            Ok(kept) => Ok(Some((entries, kept))),
+            Ok(kept) => Ok(Written::Committed(entries, kept)),
             Err(CommitError::Fenced { .. }) => {
                 self.events.fenced(&key.0, key.1, "postgres");
-                Ok(None)
+                Ok(Written::Fenced)
             }
+            Err(CommitError::Refused(e)) => Ok(Written::Refused(e)),
             Err(CommitError::Abandoned(a)) => Err(a),
         }
     }

@@ -7,7 +7,7 @@
 
 use super::outbox::{self, Kept, OutboxEntry, Target};
 use super::{Evaluated, Outcome, Pipeline};
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, FailureClass};
 use crate::events::Events;
 use crate::retry::{Abandoned, Backoff};
 use futures::future::BoxFuture;
@@ -105,6 +105,11 @@ pub enum CommitError {
         partition: i32,
         epoch: i64,
     },
+    /// PostgreSQL refused the unit for the content of what one of its messages came to (a
+    /// data exception or a constraint): the unit is tried again message by message, and the
+    /// message it refuses is dead-lettered (`sink_refused`).
+    #[error("PostgreSQL refused the unit's rows: {0}")]
+    Refused(DbError),
     #[error(transparent)]
     Abandoned(#[from] Abandoned),
 }
@@ -273,16 +278,24 @@ impl<P: Pipeline> PgSide<P> {
                 epoch: f.epoch,
             }),
             OpError::Db(e) => {
-                if !e.is_transient() {
-                    tracing::error!(error = %e, what, "PostgreSQL refused the write; an operator must act. Retrying so nothing is lost.");
+                let class = e.class();
+                if class == FailureClass::Content && what == "commit" {
+                    return Err(CommitError::Refused(e));
                 }
                 self.client = None;
                 self.statements = None;
-                backoff
-                    .wait(stop, |attempt, pause| {
-                        events.sink_retry("postgres", &e, attempt, pause)
-                    })
-                    .await?;
+                if class == FailureClass::Transient {
+                    backoff
+                        .wait(stop, |attempt, pause| {
+                            events.sink_retry("postgres", &e, attempt, pause)
+                        })
+                        .await?;
+                } else {
+                    // Nothing the runner can do: said once a minute, retried slowly, so that the
+                    // partition goes on by itself once an operator has acted.
+                    events.sink_blocked("postgres", &e, e.sqlstate());
+                    backoff.wait(stop, |_, _| {}).await?;
+                }
                 Ok(())
             }
         }

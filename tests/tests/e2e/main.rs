@@ -11,4 +11,5 @@ mod produce;
 mod restart;
 mod sandbox;
 mod schema;
+mod sink_failures;
 mod windows;

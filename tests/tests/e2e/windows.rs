@@ -413,3 +413,34 @@ async fn new_sales_rules_are_swapped_in_while_running_and_nothing_is_lost() -> a
     running.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_the_table_cannot_hold_is_dead_lettered_and_the_partition_goes_on(
+) -> anyhow::Result<()> {
+    let kafka = SalesKafka::new(1)?;
+    let db = TestDb::new().await?;
+    let running = start(sales_config(&kafka, &db, ""), at(T0 - 3600)).await?;
+    kafka.send(None, Some("s"), &sale("s", "1.00", T0)).await?;
+    // Valid JSON and UTF-8, accepted by the rules; a PostgreSQL text column refuses it.
+    let nul = r#"{"store":"s\u0000x","item":"coffee","price":2.00,"ts":1764255601}"#;
+    kafka.send(None, Some("s"), nul).await?;
+    kafka
+        .send(None, Some("s"), &sale("s", "3.00", T0 + 2))
+        .await?;
+    assert!(
+        db.wait_count(
+            "SELECT count(*) FROM store_revenue_windows WHERE total = 4.00 AND events = 2",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        "{:?}",
+        windows(&db).await?
+    );
+    let dead = kafka.read_at_least(&kafka.dlq, 1).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], "dlq-reason"), Some("sink_refused"));
+    assert_eq!(dead[0].payload(), Some(nul.as_bytes()));
+    running.stop().await?;
+    Ok(())
+}

@@ -528,6 +528,16 @@ impl Revenue {
                     Verdict::Rejected { code, field, detail } => {
                         Some((code, detail, field, Vec::new()))
                     }
+                    // A PostgreSQL text column cannot hold the NUL character (SQLSTATE 22021):
+                    // such a store is refused here, alone, rather than by the partition's
+                    // transaction with everyone else's sums.
+                    Verdict::Sale { store, .. } if store.contains('\0') => Some((
+                        "sink_refused",
+                        "PostgreSQL refused this sale's store: SQLSTATE 22021: a text value cannot hold the NUL character"
+                            .to_string(),
+                        Some("store".into()),
+                        Vec::new(),
+                    )),
                     Verdict::Sale {
                         store,
                         amount_minor,
@@ -726,11 +736,20 @@ impl Revenue {
                                 Err(StateError::Fenced(..)) => return Ok(None),
                                 Err(StateError::Db(e)) => {
                                     state.reset();
-                                    backoff
-                                        .wait(&mut stop, |a, pause| {
-                                            events.sink_retry("postgres", &e, a, pause)
-                                        })
-                                        .await?;
+                                    if e.class() == crate::db::FailureClass::Transient {
+                                        backoff
+                                            .wait(&mut stop, |a, pause| {
+                                                events.sink_retry("postgres", &e, a, pause)
+                                            })
+                                            .await?;
+                                    } else {
+                                        // The sums of many sales in one row: a refusal cannot be
+                                        // pinned on one message (a store PostgreSQL cannot
+                                        // store is dead-lettered before it is counted), so an
+                                        // operator must act; the partition waits for that.
+                                        events.sink_blocked("postgres", &e, e.sqlstate());
+                                        backoff.wait(&mut stop, |_, _| {}).await?;
+                                    }
                                 }
                             }
                         }
