@@ -164,6 +164,38 @@ pub struct DeliveryConfig {
     /// Also commit each offset the plain way after its transaction: only for librdkafka's mock
     /// cluster, which does not store transactional offset commits.
     pub plain_offset_commits: bool,
+    /// The largest record each topic takes.
+    pub record_limits: RecordLimits,
+}
+
+/// The largest record (key, value and headers, in bytes) Kafka takes on the output and the
+/// dead-letter topic: the producer's `message.max.bytes` and each topic's `max.message.bytes`,
+/// whichever is smaller. A message whose output record would be larger is dead-lettered
+/// (`sink_refused`) before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordLimits {
+    pub output: usize,
+    pub dead_letters: usize,
+}
+
+impl Default for RecordLimits {
+    /// librdkafka's default `message.max.bytes`.
+    fn default() -> Self {
+        RecordLimits {
+            output: 1_000_000,
+            dead_letters: 1_000_000,
+        }
+    }
+}
+
+/// A record's size as the limits count it.
+fn record_bytes(key: Option<&[u8]>, value: Option<&[u8]>, headers: &HeaderList) -> usize {
+    key.map_or(0, <[u8]>::len)
+        + value.map_or(0, <[u8]>::len)
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// A partition this runner owns: its fence, its transactional producer, and the next offset
@@ -185,6 +217,9 @@ enum Written {
     Fenced,
     /// Refused for the content of one of its messages' rows.
     Refused(crate::db::DbError),
+    /// Messages whose output records Kafka would refuse as too large (their index in the
+    /// unit, the record's size): nothing was written.
+    TooLarge(Vec<(usize, usize)>),
 }
 
 /// A partition.
@@ -598,6 +633,12 @@ impl<P: Pipeline> Delivery<P> {
                             self.one_by_one(key, group, e, &identity, started, &stop, &mut parts)
                                 .await
                         }
+                        Ok(Written::TooLarge(which)) => {
+                            self.without_too_large(
+                                key, group, which, &identity, started, &stop, &mut parts,
+                            )
+                            .await
+                        }
                         Err(e) => Err(e),
                     };
                     if let Err(e) = handed {
@@ -682,6 +723,18 @@ impl<P: Pipeline> Delivery<P> {
                         parts.remove(&key);
                         return Ok(());
                     }
+                    Written::TooLarge(which) => {
+                        let e = &mut single[0].1[0];
+                        let bytes = which.first().map_or(0, |w| w.1);
+                        e.outcome = Outcome::dead_letter(
+                            "sink_refused",
+                            format!(
+                                "Kafka refuses records over {} bytes on {} (MSG_SIZE_TOO_LARGE): this message's record is {bytes} bytes",
+                                self.cfg.record_limits.output, self.cfg.output_topic
+                            ),
+                            None,
+                        );
+                    }
                     Written::Refused(err) => {
                         let e = &mut single[0].1[0];
                         if matches!(e.outcome, Outcome::DeadLetter { .. }) {
@@ -708,6 +761,54 @@ impl<P: Pipeline> Delivery<P> {
             }
         }
         Ok(())
+    }
+
+    /// A unit some of whose messages' records Kafka would refuse as too large: those are
+    /// dead-lettered (`sink_refused`) instead, and the unit written again.
+    #[allow(clippy::too_many_arguments)]
+    async fn without_too_large(
+        &mut self,
+        key: Key,
+        mut group: Vec<Evaluated<P::Delivery>>,
+        mut which: Vec<(usize, usize)>,
+        rules: &RulesIdentity,
+        started: Instant,
+        stop: &watch::Receiver<bool>,
+        parts: &mut BTreeMap<Key, VecDeque<OwnedMessage>>,
+    ) -> Result<(), Abandoned> {
+        loop {
+            for (i, bytes) in which.drain(..) {
+                let e = &mut group[i];
+                let detail = format!(
+                    "Kafka refuses records over {} bytes on {} (MSG_SIZE_TOO_LARGE): this message's record is {bytes} bytes",
+                    self.cfg.record_limits.output, self.cfg.output_topic
+                );
+                tracing::warn!(pipeline = self.events.pipeline(), source = %e.pos, bytes, "A message's output record is too large for Kafka; it is dead-lettered (sink_refused).");
+                e.outcome = Outcome::dead_letter("sink_refused", detail, None);
+            }
+            let unit = vec![(key.clone(), std::mem::take(&mut group))];
+            let outcome = self.write_units(&unit, rules, stop).await.pop();
+            let (key, g) = unit.into_iter().next().expect("one unit");
+            group = g;
+            match outcome.expect("one outcome per unit")? {
+                Written::Committed(entries, kept) => {
+                    return self
+                        .hand_over(key, group, entries, kept, rules, started)
+                        .await
+                }
+                Written::Fenced => {
+                    self.owned.remove(&key);
+                    parts.remove(&key);
+                    return Ok(());
+                }
+                Written::Refused(e) => {
+                    return self
+                        .one_by_one(key, group, e, rules, started, stop, parts)
+                        .await
+                }
+                Written::TooLarge(more) => which = more,
+            }
+        }
     }
 
     /// Writes units of different partitions to PostgreSQL at the same time, each on its own
@@ -750,6 +851,10 @@ impl<P: Pipeline> Delivery<P> {
         };
         let (fence, published_through) = (owned.fence.clone(), owned.published_through);
         let entries = self.unit_entries(group, rules);
+        let too_large = self.too_large(group, &entries);
+        if !too_large.is_empty() {
+            return Ok(Written::TooLarge(too_large));
+        }
         let t = Instant::now();
         let committed = sink
             .commit(
@@ -773,6 +878,34 @@ impl<P: Pipeline> Delivery<P> {
             Err(CommitError::Refused(e)) => Ok(Written::Refused(e)),
             Err(CommitError::Abandoned(a)) => Err(a),
         }
+    }
+
+    /// The messages of a unit whose output records exceed the output topic's limit: their
+    /// index in the unit and the largest record's size. (Entries are made, in order, for every
+    /// message that is not skipped.)
+    fn too_large(
+        &self,
+        group: &[Evaluated<P::Delivery>],
+        entries: &[OutboxEntry],
+    ) -> Vec<(usize, usize)> {
+        let limit = self.cfg.record_limits.output;
+        group
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !matches!(e.outcome, Outcome::Skip { .. }))
+            .zip(entries)
+            .filter(|(_, entry)| entry.target == Target::Output)
+            .filter_map(|((i, _), entry)| {
+                let largest = (0..entry.records.len())
+                    .map(|r| {
+                        let (k, v) = entry.records.get(r);
+                        record_bytes(k, v, &entry.headers)
+                    })
+                    .max()
+                    .unwrap_or(0);
+                (largest > limit).then_some((i, largest))
+            })
+            .collect()
     }
 
     /// Deletes the outbox entries of partitions that have been idle since their last unit was

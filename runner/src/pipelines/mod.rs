@@ -73,6 +73,14 @@ pub async fn spawn<P: Pipeline>(
         .await
         .context("creating the delivery tables")?;
     drop(pg);
+    let mut wiring = wiring;
+    wiring.delivery.record_limits = record_limits(
+        &wiring.delivery.producer,
+        &wiring.delivery.output_topic,
+        &wiring.delivery.dead_letter_topic,
+        !shared.mock_cluster,
+    )
+    .await;
     let consumer_config = shared.kafka.consumer_config(&wiring.group_id);
     let (consumer, rebalances) = crate::source::subscribe(&consumer_config, &wiring.input_topic)
         .context("creating the Kafka consumer")?;
@@ -101,4 +109,70 @@ pub async fn spawn<P: Pipeline>(
     );
     let task = tokio::spawn(delivery.run(shared.shutdown.clone(), shared.hard_stop.clone()));
     Ok((task, probe))
+}
+
+/// The largest record the output and dead-letter topics take: the producer's
+/// `message.max.bytes`, and each topic's `max.message.bytes` when the broker says it
+/// (`describe_topics`: librdkafka's mock cluster cannot).
+pub async fn record_limits(
+    producer: &rdkafka::ClientConfig,
+    output: &str,
+    dead_letters: &str,
+    describe_topics: bool,
+) -> crate::delivery::RecordLimits {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let producer_max: usize = producer
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut limits = crate::delivery::RecordLimits {
+        output: producer_max,
+        dead_letters: producer_max,
+    };
+    if !describe_topics {
+        return limits;
+    }
+    let Ok(admin) = producer.create::<AdminClient<DefaultClientContext>>() else {
+        return limits;
+    };
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin
+        .describe_configs(
+            &[
+                ResourceSpecifier::Topic(output),
+                ResourceSpecifier::Topic(dead_letters),
+            ],
+            &options,
+        )
+        .await;
+    match described {
+        Ok(results) => {
+            for (i, r) in results.into_iter().enumerate() {
+                let topic_max = r.ok().and_then(|c| {
+                    c.get("max.message.bytes")
+                        .and_then(|e| e.value.as_deref())
+                        .and_then(|v| v.parse::<usize>().ok())
+                });
+                if let Some(m) = topic_max {
+                    let slot = if i == 0 {
+                        &mut limits.output
+                    } else {
+                        &mut limits.dead_letters
+                    };
+                    *slot = (*slot).min(m);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "The topics' max.message.bytes could not be read; the producer's message.max.bytes is the limit.")
+        }
+    }
+    tracing::debug!(
+        output,
+        dead_letters,
+        ?limits,
+        "Largest records the topics take."
+    );
+    limits
 }

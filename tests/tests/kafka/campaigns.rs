@@ -638,3 +638,80 @@ async fn a_3_broker_cluster_stopped_and_started_loses_and_doubles_nothing() -> R
     assert_eq!(world.invariant(campaigns).await?, NOTHING, "{COUNTS}");
     Ok(())
 }
+
+/// A draft larger than the output topic takes (its `max.message.bytes`, set by an operator
+/// below the producer's) is refused before anything is written: the campaign is dead-lettered
+/// (`sink_refused`), the next one is delivered, and the partition goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_larger_than_the_output_topic_takes_is_dead_lettered() -> Result<()> {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let _one = SERIAL.lock().await;
+    let world = World::new(Kafka::single()?, 1, 1, 1).await?;
+    world.db.seed_spec_subscribers().await?;
+    for r in world
+        .kafka
+        .admin()?
+        .alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(&world.output))
+                .set("max.message.bytes", "4000")],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("altering {t:?}: {e}"))?;
+    }
+    let mut runner = world.spawn_runner();
+    assert!(world.wait_ready(Duration::from_secs(60)).await, "ready");
+    let with = |id: &str, content: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(SPEC_CAMPAIGN).unwrap();
+        v["adv_campaign_id"] = id.into();
+        v["adv_campaign_content"] = content.into();
+        v.to_string()
+    };
+    let big = with("123e4567-e89b-12d3-a456-426614175001", &"x".repeat(5000));
+    let small = with("123e4567-e89b-12d3-a456-426614175002", "small");
+    produce(
+        &world.kafka.brokers,
+        &world.input,
+        &[(Some("a"), big.as_bytes()), (Some("b"), small.as_bytes())],
+    )
+    .await?;
+    assert!(
+        world
+            .db
+            .wait_count(
+                "SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id = '123e4567-e89b-12d3-a456-426614175002'",
+                8,
+                Duration::from_secs(60)
+            )
+            .await,
+        "the campaign after the refused one is delivered"
+    );
+    let status = terminate(&mut runner)?;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        world
+            .db
+            .count("SELECT count(*) FROM subscribers_feedback WHERE adv_campaign_id = '123e4567-e89b-12d3-a456-426614175001'")
+            .await?,
+        0,
+        "nothing of the refused campaign in PostgreSQL"
+    );
+    let dead = read_topic(&world.kafka.brokers, &world.dlq, 1, Duration::from_secs(30)).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], "dlq-reason"), Some("sink_refused"));
+    assert!(
+        header(&dead[0], "dlq-detail").is_some_and(|d| d.contains("MSG_SIZE_TOO_LARGE")),
+        "{:?}",
+        header(&dead[0], "dlq-detail")
+    );
+    let drafts = read_topic(
+        &world.kafka.brokers,
+        &world.output,
+        8,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(drafts.len(), 8, "only the small campaign's drafts");
+    Ok(())
+}

@@ -315,6 +315,7 @@ pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, T
             transactional_prefix: format!("campaign-runner-{}", cfg.group_id),
             producer: shared.kafka.producer_config(),
             plain_offset_commits: shared.mock_cluster,
+            record_limits: crate::delivery::RecordLimits::default(),
         },
     };
     let worker = CampaignWorker {
