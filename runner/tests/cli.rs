@@ -41,7 +41,7 @@ fn rules_check_accepts_the_campaign_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("is accepted: campaign-rules 3.1.0 (sha256:"),
+        stdout.contains("is accepted as campaign rules: campaign-rules 3.1.0 (sha256:"),
         "{stdout}"
     );
 }
