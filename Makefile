@@ -9,7 +9,7 @@ export CAMPAIGN_RULES_WASM := $(abspath $(CAMPAIGN_WASM))
 SALES_WASM := $(WASM_OUT)/sales-rules.wasm
 export SALES_RULES_WASM := $(abspath $(SALES_WASM))
 
-.PHONY: all setup build transforms demo test crash-loop bench lint fmt clean
+.PHONY: all setup build transforms demo test fuzz crash-loop bench lint fmt clean
 
 all: build
 
@@ -52,6 +52,18 @@ demo: build
 test: transforms
 	@bash scripts/drop-test-dbs.sh
 	cargo test --workspace --no-fail-fast
+
+## A long fuzz run: the property tests of tests/tests/e2e/fuzz/ with FUZZ_RULES_CASES inputs per
+## rules property (campaign validate, campaign shape, sales validate batches) and
+## FUZZ_E2E_BATCHES batches of up to FUZZ_E2E_BATCH generated messages through each pipeline end
+## to end (`make test` runs a short pass of the same). Prints each property's figures.
+FUZZ_RULES_CASES ?= 1000000
+FUZZ_E2E_BATCHES ?= 300
+FUZZ_E2E_BATCH ?= 16
+fuzz: transforms
+	FUZZ_RULES_CASES=$(FUZZ_RULES_CASES) FUZZ_E2E_BATCHES=$(FUZZ_E2E_BATCHES) \
+	  FUZZ_E2E_BATCH=$(FUZZ_E2E_BATCH) RUST_LOG=$${RUST_LOG:-error} \
+	  cargo test -p e2e-tests --test e2e fuzz:: -- --nocapture --test-threads 1
 
 ## A long crash loop against Apache Kafka (kill -9 at random moments), e.g. CRASH_LOOPS=200.
 CRASH_LOOPS ?= 200

@@ -1,6 +1,7 @@
-//! Wiring: starts the process's shared parts and every enabled pipeline from a checked
-//! [`Config`], then the status endpoint; stops them as an ordered drain, each pipeline before
-//! its deadline.
+//! Wiring: starts the process's shared parts, the status endpoint (it answers during start-up,
+//! saying what each pipeline waits for), then every enabled pipeline from a checked
+//! [`Config`], all at the same time and within the start-up deadline; stops them as an
+//! ordered drain, each pipeline before its deadline.
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -50,7 +51,10 @@ pub struct Running {
     status: Option<JoinHandle<()>>,
 }
 
-/// Starts every enabled pipeline; returns once each consumes.
+/// Starts every enabled pipeline; returns once each consumes. Fails when one cannot start: at
+/// once for what only the configuration can fix (rules refused, a schema that does not fit),
+/// at the start-up deadline for what is missing outside (`startup.rs`), unless configured to
+/// wait on.
 pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
@@ -61,31 +65,26 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         instance_id: format!("{}-{}", hostname(), uuid::Uuid::new_v4()),
         clock: options.clock,
         mock_cluster: options.mock_cluster,
+        startup: config.startup.deadline(),
         shutdown: shutdown_rx.clone(),
         hard_stop: hard_rx,
     };
-    let mut tasks = Vec::new();
-    let campaigns = match &config.campaigns {
-        Some(cfg) => {
-            let (running, task) = campaigns::start(&shared, cfg)
-                .await
-                .context("starting the campaign pipeline")?;
-            tasks.push(task);
-            Some(running)
-        }
-        None => None,
+    // Each pipeline's events exist before it starts, so that the status endpoint answers from
+    // the start and says what start-up waits for.
+    let starting = |enabled: bool, name: &str| {
+        enabled.then(|| {
+            let events = Arc::new(Events::new(&shared.metrics, name));
+            events.starting();
+            events
+        })
     };
-    let store_revenue = match &config.store_revenue {
-        Some(cfg) => {
-            let (running, task) = store_revenue::start(&shared, cfg)
-                .await
-                .context("starting the store-revenue pipeline")?;
-            tasks.push(task);
-            Some(running)
-        }
-        None => None,
-    };
-    let events: Vec<Arc<Events>> = tasks.iter().map(|t| t.events.clone()).collect();
+    let campaign_events = starting(config.campaigns.is_some(), campaigns::NAME);
+    let revenue_events = starting(config.store_revenue.is_some(), store_revenue::NAME);
+    let events: Vec<Arc<Events>> = campaign_events
+        .iter()
+        .chain(&revenue_events)
+        .cloned()
+        .collect();
     let (status_addr, status) = match config.status_listen {
         Some(addr) => {
             let (bound, task) =
@@ -96,6 +95,37 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running> {
         }
         None => (None, None),
     };
+    // The pipelines start at the same time, each waiting for what it needs; the first that
+    // cannot start stops the start of the others.
+    let (campaigns, store_revenue) = tokio::try_join!(
+        async {
+            match (&config.campaigns, &campaign_events) {
+                (Some(cfg), Some(events)) => campaigns::start(&shared, cfg, events.clone())
+                    .await
+                    .context("starting the campaign pipeline")
+                    .map(Some),
+                _ => Ok(None),
+            }
+        },
+        async {
+            match (&config.store_revenue, &revenue_events) {
+                (Some(cfg), Some(events)) => store_revenue::start(&shared, cfg, events.clone())
+                    .await
+                    .context("starting the store-revenue pipeline")
+                    .map(Some),
+                _ => Ok(None),
+            }
+        },
+    )?;
+    let mut tasks = Vec::new();
+    let campaigns = campaigns.map(|(running, task)| {
+        tasks.push(task);
+        running
+    });
+    let store_revenue = store_revenue.map(|(running, task)| {
+        tasks.push(task);
+        running
+    });
     Ok(Running {
         metrics: shared.metrics,
         campaigns,

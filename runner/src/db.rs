@@ -2,7 +2,9 @@
 //! type that says whose fault a failure is, and the schema step's two tools (run a script under
 //! the runners' shared lock; check that an existing table has the columns the runner needs).
 
-use tokio_postgres::{Client, NoTls};
+use std::time::Duration;
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Connection, NoTls, Socket};
 
 /// Serialises the schema steps of runners starting together.
 const SCHEMA_LOCK: i64 = 0x6361_6d70_6169_676e;
@@ -21,6 +23,9 @@ pub enum DbError {
     /// The listening connection broke: retry with a new one.
     #[error("the subscriber feed connection was lost: {0}")]
     FeedLost(String),
+    /// The server took the connection but did not complete the handshake in time.
+    #[error("PostgreSQL did not answer within {} (connect_timeout)", humantime::format_duration(*.0))]
+    ConnectTimeout(Duration),
 }
 
 impl DbError {
@@ -83,7 +88,7 @@ impl DbError {
                 c.starts_with("08") || c.starts_with("57") || c == "40001" || c == "40P01"
             }),
             DbError::Schema { .. } => false,
-            DbError::FeedLost(_) => true,
+            DbError::FeedLost(_) | DbError::ConnectTimeout(_) => true,
         }
     }
 }
@@ -133,11 +138,39 @@ impl std::fmt::Debug for PostgresUrl {
     }
 }
 
-/// Connects and drives the connection on a background task.
+/// How long one attempt to reach a PostgreSQL host may take when the connection string sets
+/// no `connect_timeout` (libpq's key, in seconds, in either form of the string).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The settings of a connection string, with [`DEFAULT_CONNECT_TIMEOUT`] when it sets no
+/// `connect_timeout`.
+pub fn connect_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(DbError::Unavailable)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    Ok(config)
+}
+
+/// Opens a connection (the caller drives it). Each host is given the connect timeout for its
+/// socket, and the whole handshake, authentication included, at most that long per host: a
+/// server that takes the connection and never answers cannot hold the caller.
+pub async fn open(url: &str) -> Result<(Client, Connection<Socket, NoTlsStream>), DbError> {
+    let config = connect_config(url)?;
+    let per_host = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let limit = per_host * u32::try_from(config.get_hosts().len().max(1)).unwrap_or(1);
+    match tokio::time::timeout(limit, config.connect(NoTls)).await {
+        Ok(connected) => connected.map_err(DbError::Unavailable),
+        Err(_) => Err(DbError::ConnectTimeout(limit)),
+    }
+}
+
+/// Connects (see [`open`]) and drives the connection on a background task.
 pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(DbError::Unavailable)?;
+    let (client, connection) = open(url).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended.");

@@ -147,9 +147,12 @@ pub fn config_to_url(cfg: &tokio_postgres::Config) -> String {
 
 /// Produces `(key, value)` pairs and waits for each acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, messages: &[(Option<&str>, &[u8])]) -> Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
+    let producer: FutureProducer<crate::logging::LogContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .create()?;
+        .create_with_context(crate::logging::LogContext::new(
+            "producer",
+            &ClientConfig::new(),
+        ))?;
     for (key, value) in messages {
         let mut rec = FutureRecord::<str, [u8]>::to(topic).payload(value);
         if let Some(k) = key {
@@ -179,7 +182,10 @@ pub async fn read_topic(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create_with_context(crate::source::ReaderContext)?;
+        .create_with_context(crate::source::ReaderContext::new(
+            "reader",
+            &ClientConfig::new(),
+        ))?;
     let partitions = {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let t = meta.topics().first().context("no metadata for the topic")?;

@@ -109,6 +109,22 @@ pub struct Stats {
     /// Event-time windows (the store-revenue pipeline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub windows: Option<WindowStats>,
+    /// While the pipeline starts: what it waits for (None once it consumes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupStatus>,
+}
+
+/// A pipeline that has not started consuming yet, and why (`startup.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StartupStatus {
+    /// `starting`, or `startup_failed` once the start-up deadline has passed and the runner
+    /// waits on (`startup.on_timeout = "wait"`).
+    pub state: &'static str,
+    /// What it waits for, by code (`kafka_unreachable`, `input_topic_missing`, …); empty while
+    /// nothing outside is missing.
+    pub causes: Vec<&'static str>,
+    /// The same in sentences, naming the brokers, the topic or the host.
+    pub details: Vec<String>,
 }
 
 /// The store-revenue pipeline's windows, as this runner sees them.
@@ -160,10 +176,16 @@ impl Stats {
     /// the group gave it, or a condition of its own holds (e.g. a stale cache).
     pub fn not_ready(&self) -> Vec<&'static str> {
         let mut r = self.conditions.clone();
-        if !self.running {
+        if let Some(s) = &self.startup {
+            r.push(s.state);
+            r.extend(&s.causes);
+        } else if !self.running {
             r.push("not_running");
         } else if self.partitions.is_none() {
             r.push("waiting_for_partitions");
+        }
+        if self.kafka_unreachable && !r.contains(&"kafka_unreachable") {
+            r.push("kafka_unreachable");
         }
         r
     }
@@ -171,10 +193,14 @@ impl Stats {
     /// Why the pipeline is degraded now (empty: healthy).
     pub fn degraded(&self) -> Vec<&'static str> {
         let mut r = self.conditions.clone();
+        if let Some(s) = &self.startup {
+            r.push(s.state);
+            r.extend(&s.causes);
+        }
         if self.kafka_failing {
             r.push("kafka_sink_retrying");
         }
-        if self.kafka_unreachable {
+        if self.kafka_unreachable && !r.contains(&"kafka_unreachable") {
             r.push("kafka_unreachable");
         }
         if self.postgres_failing {
@@ -210,6 +236,7 @@ pub struct Events {
     running: AtomicBool,
     rules: Mutex<RulesStatus>,
     windows: Mutex<Option<WindowStats>>,
+    startup: Mutex<Option<StartupStatus>>,
     /// When a blocked sink was last logged, and the attempts since.
     blocked: Mutex<(Option<std::time::Instant>, u64)>,
 }
@@ -246,6 +273,7 @@ impl Events {
             running: AtomicBool::new(false),
             rules: Mutex::default(),
             windows: Mutex::default(),
+            startup: Mutex::default(),
             blocked: Mutex::default(),
         }
     }
@@ -294,7 +322,35 @@ impl Events {
             running: self.running.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
             windows: self.windows.lock().expect("stats lock").clone(),
+            startup: self.startup.lock().expect("stats lock").clone(),
         }
+    }
+
+    /// The pipeline is starting: reported as `starting` until [`Events::started`].
+    pub fn starting(&self) {
+        *self.startup.lock().expect("stats lock") = Some(StartupStatus {
+            state: "starting",
+            ..StartupStatus::default()
+        });
+    }
+
+    /// What start-up waits for now (`causes` as (code, sentence)); `past_deadline`: the
+    /// start-up deadline has passed and the runner waits on.
+    pub fn startup_waits(&self, causes: &[(&'static str, String)], past_deadline: bool) {
+        *self.startup.lock().expect("stats lock") = Some(StartupStatus {
+            state: if past_deadline {
+                "startup_failed"
+            } else {
+                "starting"
+            },
+            causes: causes.iter().map(|(c, _)| *c).collect(),
+            details: causes.iter().map(|(_, d)| d.clone()).collect(),
+        });
+    }
+
+    /// The pipeline has everything it needs and consumes.
+    pub fn started(&self) {
+        *self.startup.lock().expect("stats lock") = None;
     }
 
     /// The windows' state as of the last trigger.
@@ -639,5 +695,30 @@ mod tests {
         assert!(e.stats().not_ready().is_empty());
         e.running(false);
         assert_eq!(e.stats().not_ready(), ["not_running"]);
+    }
+
+    #[test]
+    fn start_up_is_reported_with_its_causes_until_started() {
+        let e = Events::default();
+        e.starting();
+        assert_eq!(e.stats().not_ready(), ["starting"]);
+        assert_eq!(e.stats().degraded(), ["starting"]);
+        e.startup_waits(
+            &[("kafka_unreachable", "Kafka brokers b:1 …".into())],
+            false,
+        );
+        assert_eq!(e.stats().not_ready(), ["starting", "kafka_unreachable"]);
+        e.startup_waits(&[("input_topic_missing", "input topic t …".into())], true);
+        assert_eq!(
+            e.stats().degraded(),
+            ["startup_failed", "input_topic_missing"]
+        );
+        e.started();
+        e.running(true);
+        assert_eq!(e.stats().not_ready(), ["waiting_for_partitions"]);
+        assert!(e.stats().startup.is_none());
+        e.assignment(Some(1));
+        e.kafka_reachable(false);
+        assert_eq!(e.stats().not_ready(), ["kafka_unreachable"]);
     }
 }

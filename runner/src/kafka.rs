@@ -3,12 +3,13 @@
 //! librdkafka property, and the client configurations every pipeline's consumer and producers
 //! are made from (with the properties the delivery protocol owns set last).
 
+use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKafka {
     pub brokers: String,
@@ -34,28 +35,77 @@ pub struct KafkaConfig {
     producer: BTreeMap<String, String>,
 }
 
+/// Whether a client property holds a secret, by its name: a password, a secret, a key (or a
+/// key's file), or `sasl.oauthbearer.config` (which can carry the client's secret).
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "key"]
+        .iter()
+        .any(|w| name.contains(w))
+        || name == "sasl.oauthbearer.config"
+}
+
+/// `e` without the value of a secret property: librdkafka's refusal of a property carries
+/// its value, and prints it.
+pub fn redact_client_error(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(res, desc, key, value) if is_secret_property(&key) => {
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, crate::logging::REDACTED)
+            };
+            KafkaError::ClientConfig(res, desc, key, crate::logging::REDACTED.into())
+        }
+        e => e,
+    }
+}
+
+/// `m` with the value of each secret property replaced by `<redacted>`.
+fn redacted(m: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    m.iter()
+        .map(|(k, v)| {
+            let v = if is_secret_property(k) {
+                crate::logging::REDACTED
+            } else {
+                v.as_str()
+            };
+            (k.as_str(), v)
+        })
+        .collect()
+}
+
 impl std::fmt::Debug for KafkaConfig {
-    /// Secrets (any property whose name mentions a password or secret) are never printed.
+    /// Secrets (the SASL password, any property [`is_secret_property`] names) are never
+    /// printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-            m.iter()
-                .map(|(k, v)| {
-                    let secret = k.contains("password") || k.contains("secret");
-                    (
-                        k.clone(),
-                        if secret {
-                            "<redacted>".into()
-                        } else {
-                            v.clone()
-                        },
-                    )
-                })
-                .collect()
-        };
         f.debug_struct("KafkaConfig")
-            .field("properties", &redact(&self.common))
-            .field("consumer_properties", &redact(&self.consumer))
-            .field("producer_properties", &redact(&self.producer))
+            .field("properties", &redacted(&self.common))
+            .field("consumer_properties", &redacted(&self.consumer))
+            .field("producer_properties", &redacted(&self.producer))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawKafka {
+    /// As [`KafkaConfig`]'s: no secret printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawKafka")
+            .field("brokers", &self.brokers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self
+                    .sasl_password
+                    .as_ref()
+                    .map(|_| crate::logging::REDACTED),
+            )
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("properties", &redacted(&self.properties))
+            .field("consumer_properties", &redacted(&self.consumer_properties))
+            .field("producer_properties", &redacted(&self.producer_properties))
             .finish()
     }
 }
@@ -129,11 +179,31 @@ impl RawKafka {
                 ));
             }
         }
-        KafkaConfig {
+        let config = KafkaConfig {
             common,
             consumer: self.consumer_properties.clone(),
             producer: self.producer_properties.clone(),
+        };
+        // librdkafka's own check of every property (its name known to this build, its value
+        // of the right form), so that a mistake is a configuration problem, said at once.
+        for (role, client) in [
+            ("consumer", config.consumer_config("check")),
+            ("producer", config.producer_config()),
+        ] {
+            if let Err(e) = client.create_native_config() {
+                let e = redact_client_error(e);
+                let problem = match &e {
+                    KafkaError::ClientConfig(_, desc, key, _) => {
+                        format!("kafka property {key} is refused by librdkafka: {desc}")
+                    }
+                    e => format!("the Kafka {role} configuration is refused: {e}"),
+                };
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
+            }
         }
+        config
     }
 }
 
@@ -182,5 +252,77 @@ impl KafkaConfig {
         c.set("enable.idempotence", "true");
         c.set("acks", "all");
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(properties: &[(&str, &str)]) -> RawKafka {
+        RawKafka {
+            brokers: "127.0.0.1:9092".into(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: Some("runner".into()),
+            sasl_password: Some("sasl-hunter2".into()),
+            ssl_ca_location: None,
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn secret_properties_are_named_by_password_secret_or_key() {
+        for p in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+        ] {
+            assert!(is_secret_property(p), "{p}");
+        }
+        for p in ["bootstrap.servers", "sasl.username", "debug", "linger.ms"] {
+            assert!(!is_secret_property(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn no_debug_form_prints_a_secret() {
+        let r = raw(&[("ssl.key.password", "key-hunter2"), ("linger.ms", "5")]);
+        let mut problems = Vec::new();
+        let k = r.validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        for printed in [format!("{r:?}"), format!("{k:#?}")] {
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(
+                printed.contains("runner") && printed.contains("linger.ms"),
+                "{printed}"
+            );
+        }
+        // The clients still get the real values.
+        let c = k.consumer_config("g");
+        assert_eq!(c.get("sasl.password"), Some("sasl-hunter2"));
+        assert_eq!(c.get("ssl.key.password"), Some("key-hunter2"));
+    }
+
+    #[test]
+    fn a_property_librdkafka_refuses_is_a_problem_that_keeps_its_secret() {
+        let mut problems = Vec::new();
+        raw(&[("ssl.secret.typo", "typo-hunter2")]).validate(&mut problems);
+        let all = problems.join("; ");
+        assert!(
+            all.contains("ssl.secret.typo") && !all.contains("hunter2"),
+            "{all}"
+        );
+        let mut problems = Vec::new();
+        raw(&[("linger.ms", "soon")]).validate(&mut problems);
+        assert!(problems.join("; ").contains("linger.ms"), "{problems:?}");
     }
 }

@@ -6,9 +6,11 @@
 //!
 //! The core, shared by every pipeline: `sandbox` (rules hosting, limits, hot swap), `delivery`
 //! (units, outbox, fences, Kafka transactions, takeover), `source` (the consumer), `kafka` and
-//! `config` (settings), `events` and `metrics` (what is reported), `status` (HTTP), `retry`,
-//! `headers`, `db`, `clock`. Wiring: `app`; the `runner demo` command: `demo`; the
-//! `runner produce` traffic generators: `produce`.
+//! `config` (settings), `startup` (what a pipeline needs from outside before it consumes),
+//! `events` and `metrics` (what is reported), `status` (HTTP), `retry`,
+//! `headers`, `db`, `clock`, `logging` (librdkafka's log lines: levels, secrets redacted,
+//! repeats rate-limited). Wiring: `app`; the `runner demo` command: `demo`; the `runner
+//! produce` traffic generators: `produce`.
 
 pub mod app;
 pub mod clock;
@@ -19,10 +21,12 @@ pub mod demo;
 pub mod events;
 pub mod headers;
 pub mod kafka;
+pub mod logging;
 pub mod metrics;
 pub mod pipelines;
 pub mod produce;
 pub mod retry;
 pub mod sandbox;
 pub mod source;
+pub mod startup;
 pub mod status;

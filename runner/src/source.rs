@@ -4,10 +4,11 @@
 //! assigned partition over before it processes any of its messages.
 
 use crate::events::Events;
+use crate::logging::{ClientLog, LogContext};
 use crate::retry::stopped;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,41 +46,25 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-/// Hands rebalances to the pipeline.
+/// Hands rebalances to the pipeline; logs through [`ClientLog`].
 #[derive(Debug, Default)]
 pub struct SourceContext {
     pub rebalances: Arc<Rebalances>,
+    pub log: ClientLog,
 }
 
 impl ClientContext for SourceContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(error, reason)
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message)
     }
-}
 
-/// librdkafka's global errors, as the runner logs them: the end of a partition (reported when
-/// `enable.partition.eof` is on) is a normal event, not an error.
-pub fn log_client_error(error: KafkaError, reason: &str) {
-    if matches!(error, KafkaError::PartitionEOF(_))
-        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
-    {
-        tracing::debug!(reason, "Reached the end of a partition.");
-    } else {
-        tracing::error!(error = %error, reason, "librdkafka: global error.");
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(error, reason)
     }
 }
 
 /// The context of a consumer that reads topics to their end (operators' tools, the demo).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ReaderContext;
-
-impl ClientContext for ReaderContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(error, reason)
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
+pub type ReaderContext = LogContext;
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -111,51 +96,45 @@ pub fn subscribe(
     topic: &str,
 ) -> KafkaResult<(SourceConsumer, Arc<Rebalances>)> {
     let rebalances = Arc::new(Rebalances::default());
-    let consumer: SourceConsumer = config.create_with_context(SourceContext {
-        rebalances: rebalances.clone(),
-    })?;
+    let consumer: SourceConsumer = config
+        .create_with_context(SourceContext {
+            rebalances: rebalances.clone(),
+            log: ClientLog::new(
+                format!("consumer {}", config.get("group.id").unwrap_or(topic)),
+                config,
+            ),
+        })
+        .map_err(crate::kafka::redact_client_error)?;
     consumer.subscribe(&[topic])?;
     Ok((consumer, rebalances))
 }
 
-/// Asks the broker for `topic`'s metadata every 2 s; an unanswered probe marks Kafka
-/// unreachable (health degraded) until one is answered again. A broker that is frozen or cut
-/// off is seen this way even when no write is in flight. `config` is the pipeline's consumer
-/// configuration; the probe never joins its group.
+/// Asks the brokers for `topic`'s metadata every 2 s, through the client of the start-up check
+/// ([`crate::startup::KafkaCheck`]): an unanswered probe or refused credentials mark Kafka
+/// unreachable; the topic gone or no longer readable is a condition of its own
+/// (`input_topic_missing`, …); each holds (health degraded, not ready) until a probe finds it
+/// gone. A broker that is frozen or cut off is seen this way even when no write is in flight.
+/// `config` is the pipeline's consumer configuration; the probe never joins its group nor
+/// creates the topic.
 pub async fn probe(
-    mut config: ClientConfig,
+    config: ClientConfig,
     topic: String,
     events: Arc<Events>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    if let Some(group) = config.get("group.id").map(|g| format!("{g}-probe")) {
-        config.set("group.id", group);
-    }
-    let client: BaseConsumer = match config.create() {
-        Ok(c) => c,
+    let check = match crate::startup::KafkaCheck::new(&config, &topic) {
+        Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::warn!(error = %e, "Cannot create the Kafka probe; reachability is not reported.");
             return;
         }
     };
-    let client = Arc::new(client);
     loop {
-        let c = client.clone();
-        let t = topic.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(2)).is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if events.kafka_reachable(ok) {
-            if ok {
-                tracing::info!(pipeline = events.pipeline(), "Kafka answers again.");
-            } else {
-                tracing::warn!(
-                    pipeline = events.pipeline(),
-                    "Kafka does not answer metadata requests; health is degraded."
-                );
-            }
+        let c = check.clone();
+        if let Ok(result) =
+            tokio::task::spawn_blocking(move || c.check(Duration::from_secs(2))).await
+        {
+            crate::startup::probed(&events, &result);
         }
         tokio::select! {
             _ = stopped(&mut shutdown) => return,

@@ -1,10 +1,17 @@
 //! The HTTP status endpoint:
-//! - `/health/live`: 200 while every pipeline's delivery loop runs (else 503): restart me if not;
-//! - `/health/ready`: 200 once every pipeline holds what the group gave it (each partition taken
-//!   over, or none to give) and its own conditions allow work (a fresh subscriber cache), else
-//!   503 with the reasons: send me work, or wait;
-//! - `/health`: 200, or 503 with the reasons when a pipeline is degraded (a sink retrying, the
-//!   broker unreachable, a stale cache);
+//! - `/health/live`: 200 while every pipeline starts or its delivery loop runs (else 503):
+//!   restart me if not;
+//! - `/health/ready`: 200 once every pipeline has started, holds what the group gave it (each
+//!   partition taken over, or none to give), reaches the brokers and its input topic, and its
+//!   own conditions allow work (a fresh subscriber cache), else 503 with the reasons: send me
+//!   work, or wait;
+//! - `/health`: 200, or 503 with the reasons when a pipeline is starting or degraded (a sink
+//!   retrying, the broker unreachable, a stale cache);
+//! - with either of the last two, while a pipeline starts, `startup` says what it waits for
+//!   (`starting` or, past the start-up deadline, `startup_failed`; the causes, by code and in
+//!   sentences naming the brokers, the topic or the host);
+//!
+//! The endpoint answers from the process's start, before the pipelines have started.
 //! - `/status`: every pipeline's counters, rules in service, latencies, as JSON;
 //! - `/metrics`: the Prometheus text exposition of the registry.
 
@@ -73,10 +80,23 @@ fn degraded(pipelines: &[Arc<Events>]) -> (Vec<&'static str>, serde_json::Value)
     (all, serde_json::Value::Object(per))
 }
 
+/// What the pipelines still starting wait for, by pipeline.
+fn startup(pipelines: &[Arc<Events>]) -> serde_json::Value {
+    let per: serde_json::Map<String, serde_json::Value> = pipelines
+        .iter()
+        .filter_map(|e| {
+            let s = e.stats().startup?;
+            Some((e.pipeline().to_string(), serde_json::json!(s)))
+        })
+        .collect();
+    serde_json::Value::Object(per)
+}
+
 /// 200 with `body` when `reasons` is empty, else 503.
 fn answer(
     reasons: Vec<(String, Vec<&'static str>)>,
     key: &str,
+    startup: serde_json::Value,
 ) -> (StatusCode, Json<serde_json::Value>) {
     let ok = reasons.iter().all(|(_, r)| r.is_empty());
     let per: serde_json::Map<String, serde_json::Value> = reasons
@@ -88,7 +108,11 @@ fn answer(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(serde_json::json!({ key: ok, "pipelines": per })))
+    let mut body = serde_json::json!({ key: ok, "pipelines": per });
+    if startup.as_object().is_some_and(|s| !s.is_empty()) {
+        body["startup"] = startup;
+    }
+    (code, Json(body))
 }
 
 async fn live(State(r): State<Reported>) -> impl IntoResponse {
@@ -97,7 +121,7 @@ async fn live(State(r): State<Reported>) -> impl IntoResponse {
             .iter()
             .map(|e| {
                 let s = e.stats();
-                let reasons = if s.running {
+                let reasons = if s.running || s.startup.is_some() {
                     vec![]
                 } else {
                     vec!["not_running"]
@@ -106,6 +130,7 @@ async fn live(State(r): State<Reported>) -> impl IntoResponse {
             })
             .collect(),
         "live",
+        serde_json::Value::Null,
     )
 }
 
@@ -116,6 +141,7 @@ async fn ready(State(r): State<Reported>) -> impl IntoResponse {
             .map(|e| (e.pipeline().to_string(), e.stats().not_ready()))
             .collect(),
         "ready",
+        startup(&r.pipelines),
     )
 }
 
@@ -126,14 +152,16 @@ async fn health(State(r): State<Reported>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        code,
-        Json(serde_json::json!({
-            "healthy": reasons.is_empty(),
-            "degraded": reasons,
-            "pipelines": per,
-        })),
-    )
+    let mut body = serde_json::json!({
+        "healthy": reasons.is_empty(),
+        "degraded": reasons,
+        "pipelines": per,
+    });
+    let startup = startup(&r.pipelines);
+    if startup.as_object().is_some_and(|s| !s.is_empty()) {
+        body["startup"] = startup;
+    }
+    (code, Json(body))
 }
 
 async fn status(State(r): State<Reported>) -> impl IntoResponse {

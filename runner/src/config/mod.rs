@@ -3,7 +3,8 @@
 //! into [`Config`], the only form the rest of the runner sees.
 //!
 //! Shared sections: `[kafka]` (brokers, security, client properties), `[postgres]`,
-//! `[status]`; then one section per pipeline (`[pipelines.campaigns]`), each with `enabled`.
+//! `[status]`, `[startup]` (the start-up deadline); then one section per pipeline
+//! (`[pipelines.campaigns]`), each with `enabled`.
 //! A file in the single-pipeline layout (`[kafka]` topics and group, `[pipeline]`, `[rules]`,
 //! `[subscribers]`) still works: its keys are read as the campaign pipeline's, and a warning
 //! names the new keys.
@@ -13,6 +14,7 @@ pub use crate::kafka::{KafkaConfig, RawKafka, PRODUCER_DEFAULTS};
 use crate::db::PostgresUrl;
 use crate::pipelines::campaigns::config::{CampaignsConfig, RawCampaigns};
 use crate::pipelines::store_revenue::config::{RawStoreRevenue, StoreRevenueConfig};
+use crate::startup::{RawStartup, StartupConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::Deserialize;
@@ -38,6 +40,7 @@ pub struct RawConfig {
     pub kafka: RawKafka,
     pub postgres: RawPostgres,
     pub status: RawStatus,
+    pub startup: RawStartup,
     pub pipelines: RawPipelines,
 }
 
@@ -48,10 +51,19 @@ pub struct RawStatus {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPostgres {
     pub url: String,
+}
+
+impl std::fmt::Debug for RawPostgres {
+    /// As [`PostgresUrl`]'s: the password is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawPostgres")
+            .field("url", &PostgresUrl::new(self.url.clone()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +157,67 @@ fn upgrade_layout(v: &mut serde_json::Value) -> Vec<String> {
     moved
 }
 
+/// Whether the key at `path` holds a secret: the SASL password, the PostgreSQL connection
+/// string, a client property [`crate::kafka::is_secret_property`] names.
+fn is_secret_key(path: &[String]) -> bool {
+    match path {
+        [.., last] if last == "sasl_password" => true,
+        [.., section, last] if section == "postgres" && last == "url" => true,
+        [.., section, last] if section.ends_with("properties") => {
+            crate::kafka::is_secret_property(last)
+        }
+        _ => false,
+    }
+}
+
+/// A line of a parse error that quotes the source (`3 | url = "..."`, `  |   ^`).
+fn is_quoted_source(line: &str) -> bool {
+    line.trim_start()
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .trim_start()
+        .starts_with('|')
+}
+
+/// `e` with the value of any secret key it quotes (a password given as a number, say)
+/// replaced by `<redacted>`.
+fn redact_load_error(e: figment::Error) -> Box<figment::Error> {
+    use figment::error::{Actual, Kind};
+    let mut errors: Vec<figment::Error> = e
+        .into_iter()
+        .map(|mut e| {
+            if is_secret_key(&e.path) {
+                let hidden = || Actual::Other(crate::logging::REDACTED.into());
+                e.kind = match e.kind {
+                    Kind::InvalidType(_, expected) => Kind::InvalidType(hidden(), expected),
+                    Kind::InvalidValue(_, expected) => Kind::InvalidValue(hidden(), expected),
+                    Kind::Message(_) => Kind::Message(format!(
+                        "the value is not accepted ({})",
+                        crate::logging::REDACTED
+                    )),
+                    other => other,
+                };
+            }
+            // A syntax error quotes the line it is on, which may hold a secret: the line and
+            // column it gives are enough.
+            if let Kind::Message(m) = &mut e.kind {
+                if m.lines().any(is_quoted_source) {
+                    *m = m
+                        .lines()
+                        .filter(|l| !is_quoted_source(l))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                }
+            }
+            e
+        })
+        .collect();
+    let mut chained = errors.pop().expect("an error has at least one");
+    while let Some(e) = errors.pop() {
+        chained = chained.chain(e);
+    }
+    Box::new(chained)
+}
+
 impl RawConfig {
     pub fn load(sources: &Sources<'_>) -> Result<RawConfig, ConfigError> {
         let defaults: serde_json::Value = Figment::from(Toml::string(DEFAULTS))
@@ -166,8 +239,9 @@ impl RawConfig {
         if sources.env {
             fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
         }
-        let mut given: serde_json::Value =
-            fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let mut given: serde_json::Value = fig
+            .extract()
+            .map_err(|e| ConfigError::Load(redact_load_error(e)))?;
         let moved = upgrade_layout(&mut given);
         if !moved.is_empty() {
             tracing::warn!(
@@ -178,7 +252,7 @@ impl RawConfig {
         Figment::from(Serialized::defaults(defaults))
             .merge(Serialized::defaults(given))
             .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(|e| ConfigError::Load(redact_load_error(e)))
     }
 }
 
@@ -189,6 +263,8 @@ pub struct Config {
     pub postgres_url: PostgresUrl,
     /// Where the HTTP status endpoint listens, if anywhere.
     pub status_listen: Option<std::net::SocketAddr>,
+    /// The start-up deadline and what to do past it.
+    pub startup: StartupConfig,
     /// The campaign pipeline, when enabled.
     pub campaigns: Option<CampaignsConfig>,
     /// The store-revenue pipeline, when enabled.
@@ -214,6 +290,7 @@ impl RawConfig {
         }
         let campaigns = self.pipelines.campaigns.validate(&mut problems);
         let store_revenue = self.pipelines.store_revenue.validate(&mut problems);
+        let startup = self.startup.validate(&mut problems);
         if campaigns.is_none() && store_revenue.is_none() {
             problems.push("no pipeline is enabled (pipelines.campaigns.enabled and pipelines.store_revenue.enabled are both false)".into());
         }
@@ -234,6 +311,7 @@ impl RawConfig {
             kafka,
             postgres_url: PostgresUrl::new(self.postgres.url),
             status_listen,
+            startup,
             campaigns,
             store_revenue,
         })
@@ -374,10 +452,10 @@ mod tests {
             c.kafka.producer_config().get("compression.type"),
             Some("lz4")
         );
-        let c = load("[kafka.producer_properties]\n\"compression.type\" = \"zstd\"\n").unwrap();
+        let c = load("[kafka.producer_properties]\n\"compression.type\" = \"gzip\"\n").unwrap();
         assert_eq!(
             c.kafka.producer_config().get("compression.type"),
-            Some("zstd")
+            Some("gzip")
         );
     }
 }

@@ -164,8 +164,39 @@ pub struct DeliveryConfig {
     /// Also commit each offset the plain way after its transaction: only for librdkafka's mock
     /// cluster, which does not store transactional offset commits.
     pub plain_offset_commits: bool,
-    /// The largest record each topic takes.
-    pub record_limits: RecordLimits,
+    /// The largest record each topic takes (read from the broker in the background at start:
+    /// the producer's limits until then).
+    pub record_limits: SharedLimits,
+}
+
+/// [`RecordLimits`] that are filled in once known (whether they are, beside them).
+#[derive(Debug, Clone)]
+pub struct SharedLimits(Arc<watch::Sender<(RecordLimits, bool)>>);
+
+impl Default for SharedLimits {
+    fn default() -> Self {
+        SharedLimits(Arc::new(watch::Sender::new((
+            RecordLimits::default(),
+            false,
+        ))))
+    }
+}
+
+impl SharedLimits {
+    pub fn get(&self) -> RecordLimits {
+        self.0.borrow().0
+    }
+
+    /// Sets the limits; `known`: as the broker says them (else provisional).
+    pub fn set(&self, limits: RecordLimits, known: bool) {
+        self.0.send_replace((limits, known));
+    }
+
+    /// Waits until the limits are known, at most `timeout`.
+    pub async fn known(&self, timeout: Duration) {
+        let mut rx = self.0.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|(_, known)| *known)).await;
+    }
 }
 
 /// The largest record (key, value and headers, in bytes) Kafka takes on the output and the
@@ -373,6 +404,9 @@ impl<P: Pipeline> Delivery<P> {
             hard_stop.clone(),
         ));
         self.events.running(true);
+        // Nothing is written before the largest record each topic takes is known (read from the
+        // broker while the consumer joins its group), or the broker has not said it in time.
+        self.cfg.record_limits.known(Duration::from_secs(5)).await;
         // The unit connections are made up front (a failure here is retried by the first unit
         // that needs the connection).
         let warm = futures::future::join_all(self.unit_sinks.iter_mut().map(|s| s.warm_up()));
@@ -730,7 +764,7 @@ impl<P: Pipeline> Delivery<P> {
                             "sink_refused",
                             format!(
                                 "Kafka refuses records over {} bytes on {} (MSG_SIZE_TOO_LARGE): this message's record is {bytes} bytes",
-                                self.cfg.record_limits.output, self.cfg.output_topic
+                                self.cfg.record_limits.get().output, self.cfg.output_topic
                             ),
                             None,
                         );
@@ -781,7 +815,7 @@ impl<P: Pipeline> Delivery<P> {
                 let e = &mut group[i];
                 let detail = format!(
                     "Kafka refuses records over {} bytes on {} (MSG_SIZE_TOO_LARGE): this message's record is {bytes} bytes",
-                    self.cfg.record_limits.output, self.cfg.output_topic
+                    self.cfg.record_limits.get().output, self.cfg.output_topic
                 );
                 tracing::warn!(pipeline = self.events.pipeline(), source = %e.pos, bytes, "A message's output record is too large for Kafka; it is dead-lettered (sink_refused).");
                 e.outcome = Outcome::dead_letter("sink_refused", detail, None);
@@ -888,7 +922,7 @@ impl<P: Pipeline> Delivery<P> {
         group: &[Evaluated<P::Delivery>],
         entries: &[OutboxEntry],
     ) -> Vec<(usize, usize)> {
-        let limit = self.cfg.record_limits.output;
+        let limit = self.cfg.record_limits.get().output;
         group
             .iter()
             .enumerate()
@@ -960,15 +994,7 @@ impl<P: Pipeline> Delivery<P> {
                     field,
                 } => {
                     // The original headers first, then the reason and where the message came from.
-                    let mut headers: HeaderList = e
-                        .msg
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let mut headers: HeaderList = headers::of_message(&e.msg);
                     headers.push((headers::DLQ_REASON.into(), code.as_bytes().to_vec()));
                     headers.push((headers::DLQ_DETAIL.into(), detail.as_bytes().to_vec()));
                     headers.extend(provenance);

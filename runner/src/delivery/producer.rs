@@ -84,6 +84,7 @@ pub struct Deliveries {
     failed: Mutex<Option<KafkaError>>,
     /// Woken when `outstanding` reaches zero.
     settled: Notify,
+    log: crate::logging::ClientLog,
 }
 
 impl Deliveries {
@@ -113,7 +114,15 @@ impl Deliveries {
     }
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(error, reason)
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
@@ -164,7 +173,12 @@ impl TxProducer {
     ) -> Result<TxProducer, KafkaError> {
         let mut config = base.clone();
         config.set("transactional.id", transactional_id);
-        let producer = ThreadedProducer::from_config_and_context(&config, Deliveries::default())?;
+        let deliveries = Deliveries {
+            log: crate::logging::ClientLog::new(format!("producer {transactional_id}"), &config),
+            ..Deliveries::default()
+        };
+        let producer = ThreadedProducer::from_config_and_context(&config, deliveries)
+            .map_err(crate::kafka::redact_client_error)?;
         let p = producer.clone();
         let init = tokio::task::spawn_blocking(move || p.init_transactions(timeout));
         // init_transactions waits on the transaction coordinator too: bounded the same way.

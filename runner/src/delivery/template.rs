@@ -129,6 +129,20 @@ pub enum BadTemplate {
     },
     #[error("the records would take {bytes} bytes, past the memory limit of {limit} bytes")]
     TooLarge { bytes: u64, limit: usize },
+    #[error(
+        "{buffer}: {count} items, past the {} a stored template counts",
+        u32::MAX
+    )]
+    TooMany { buffer: &'static str, count: usize },
+}
+
+/// Checks that a list of `count` items can be stored: [`TemplateRecords::encode`] writes
+/// every count, length and offset as a `u32`.
+fn check_count(buffer: &'static str, count: usize) -> Result<(), BadTemplate> {
+    if u32::try_from(count).is_err() {
+        return Err(BadTemplate::TooMany { buffer, count });
+    }
+    Ok(())
 }
 
 /// Checks that `ends` packs `len` bytes: in order, the last one at the end (none for 0 bytes).
@@ -178,6 +192,9 @@ impl Template {
         if shared_ends.is_empty() {
             return Err(BadTemplate::NoParts);
         }
+        check_count("keys", records)?;
+        check_count("shared", shared_ends.len())?;
+        check_count("fills", fill_ends.len())?;
         check_packed("shared", shared.len(), &shared_ends)?;
         check_packed("fills", fills.len(), &fill_ends)?;
         let slots = shared_ends.len() - 1;
@@ -252,10 +269,12 @@ const ENCODING_FORMAT: u8 = 1;
 const ENCODING_FILLS_ARE_KEYS: u8 = 2;
 
 /// Appends a packed buffer: item count, byte length, the items' ends, the bytes (u32s
-/// little-endian).
+/// little-endian). Every one fits: the ends are `u32`s, the byte length is the last end, and
+/// the count was checked when the template was made ([`check_count`]).
 fn put_packed(out: &mut Vec<u8>, bytes: &[u8], ends: &[u32]) {
-    out.extend_from_slice(&(ends.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    let u32_of = |n: usize| u32::try_from(n).expect("a count or length checked to fit a u32");
+    out.extend_from_slice(&u32_of(ends.len()).to_le_bytes());
+    out.extend_from_slice(&u32_of(bytes.len()).to_le_bytes());
     for e in ends {
         out.extend_from_slice(&e.to_le_bytes());
     }
@@ -627,5 +646,136 @@ mod tests {
                 limit: LIMIT
             })
         );
+    }
+
+    #[test]
+    fn records_past_64_kib_round_trip() {
+        // A draft of 100 KiB (its shared part), a key of 70,000 bytes, in both formats.
+        let content = "x".repeat(100 * 1024);
+        let shared = format!(r#"{{"content":"{content}","client_id":""}}"#);
+        let slot = shared.len() as u32 - 2;
+        let long_key = "k".repeat(70_000);
+        let keys = || -> PackedKeys { ["a", long_key.as_str(), "b"].into_iter().collect() };
+        let big = |fills: &[u8], fill_ends: &[u32]| {
+            TemplateRecords::new(
+                keys(),
+                shared.as_bytes().to_vec(),
+                vec![slot, shared.len() as u32],
+                fills.to_vec(),
+                fill_ends.to_vec(),
+                1 << 30,
+            )
+            .unwrap()
+        };
+        let same = big(keys().bytes(), keys().ends());
+        let e = same.encode();
+        assert_eq!(e[0], ENCODING_FILLS_ARE_KEYS);
+        let back = TemplateRecords::decode(&e).unwrap();
+        assert_eq!(back, stored(&same));
+        assert_eq!(back[1].0.len(), 70_000);
+        assert_eq!(
+            back[1].1,
+            format!(r#"{{"content":"{content}","client_id":"{long_key}"}}"#).as_bytes()
+        );
+        let long_fill = "f".repeat(80_000);
+        let fills = format!("1{long_fill}3");
+        let other = big(fills.as_bytes(), &[1, 80_001, 80_002]);
+        let e = other.encode();
+        assert_eq!(e[0], ENCODING_FORMAT);
+        let back = TemplateRecords::decode(&e).unwrap();
+        assert_eq!(back, stored(&other));
+        assert_eq!(back[1].1.len(), shared.len() + 80_000);
+    }
+
+    #[test]
+    fn more_records_than_a_u16_counts_round_trip() {
+        for n in [65_535usize, 65_536, 70_000] {
+            let ids: PackedKeys = (0..n).map(|i| format!("c{i}")).collect();
+            let d = records(
+                ids.clone(),
+                br#"{"id":""}"#,
+                &[7, 9],
+                ids.bytes(),
+                ids.ends(),
+            )
+            .unwrap();
+            let back = TemplateRecords::decode(&d.encode()).unwrap();
+            assert_eq!(back.len(), n);
+            assert_eq!(back, stored(&d));
+            let fills: Vec<u8> = ids.bytes().iter().map(|b| b.to_ascii_uppercase()).collect();
+            let d = records(ids, br#"{"id":""}"#, &[7, 9], &fills, d.keys().ends()).unwrap();
+            assert_eq!(
+                TemplateRecords::decode(&d.encode()).unwrap(),
+                stored(&d),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_count_past_what_a_stored_template_holds_is_refused() {
+        assert_eq!(check_count("keys", u32::MAX as usize), Ok(()));
+        assert_eq!(
+            check_count("fills", u32::MAX as usize + 1),
+            Err(BadTemplate::TooMany {
+                buffer: "fills",
+                count: u32::MAX as usize + 1
+            })
+        );
+    }
+
+    use proptest::prelude::*;
+
+    /// Keys, the template's shared parts, each record's fills, and whether the fills are the
+    /// keys (the one-slot case stored without its fills).
+    type Case = (Vec<String>, Vec<Vec<u8>>, Vec<Vec<u8>>, bool);
+
+    fn template_case() -> impl Strategy<Value = Case> {
+        let keys = proptest::collection::vec(".{0,6}", 0..6);
+        let parts = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..8), 1..4);
+        (keys, parts, any::<bool>()).prop_flat_map(|(keys, parts, fills_are_keys)| {
+            let n = keys.len() * (parts.len() - 1);
+            let fills = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..6), n);
+            (Just(keys), Just(parts), fills, Just(fills_are_keys))
+        })
+    }
+
+    fn packed(items: &[Vec<u8>]) -> (Vec<u8>, Vec<u32>) {
+        let mut bytes = Vec::new();
+        let ends = items
+            .iter()
+            .map(|i| {
+                bytes.extend_from_slice(i);
+                bytes.len() as u32
+            })
+            .collect();
+        (bytes, ends)
+    }
+
+    proptest! {
+        #[test]
+        fn any_records_round_trip_through_their_stored_form(
+            (keys, parts, fills, fills_are_keys) in template_case()
+        ) {
+            let ids: PackedKeys = keys.iter().collect();
+            let (shared, shared_ends) = packed(&parts);
+            let (fills, fill_ends) = if fills_are_keys && parts.len() == 2 {
+                (ids.bytes().to_vec(), ids.ends().to_vec())
+            } else {
+                packed(&fills)
+            };
+            let d = TemplateRecords::new(ids, shared, shared_ends, fills, fill_ends, LIMIT).unwrap();
+            prop_assert_eq!(TemplateRecords::decode(&d.encode()).unwrap(), stored(&d));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_are_refused_without_panicking(
+            format in 0u8..4,
+            b in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let mut row = vec![format];
+            row.extend_from_slice(&b);
+            let _ = TemplateRecords::decode(&row);
+        }
     }
 }

@@ -29,6 +29,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The broker is librdkafka's mock cluster (see `app::RunOptions`).
     pub mock_cluster: bool,
+    /// When start-up must be over, and what happens then (`startup.rs`).
+    pub startup: crate::startup::Deadline,
     /// Turns true to stop: finish the unit in hand, drain, exit.
     pub shutdown: watch::Receiver<bool>,
     /// Turns true when the shutdown deadline passed: abandon what is in hand.
@@ -73,14 +75,24 @@ pub async fn spawn<P: Pipeline>(
         .await
         .context("creating the delivery tables")?;
     drop(pg);
-    let mut wiring = wiring;
-    wiring.delivery.record_limits = record_limits(
-        &wiring.delivery.producer,
-        &wiring.delivery.output_topic,
-        &wiring.delivery.dead_letter_topic,
-        !shared.mock_cluster,
-    )
-    .await;
+    // The producer's limits now, each topic's own once the broker has said them (a broker that
+    // does not answer, such as librdkafka's mock cluster, must not hold the start up).
+    let limits = wiring.delivery.record_limits.clone();
+    let producer_only = record_limits(&wiring.delivery.producer, "", "", false).await;
+    limits.set(producer_only, shared.mock_cluster);
+    if !shared.mock_cluster {
+        let (producer, output, dead_letters) = (
+            wiring.delivery.producer.clone(),
+            wiring.delivery.output_topic.clone(),
+            wiring.delivery.dead_letter_topic.clone(),
+        );
+        tokio::spawn(async move {
+            limits.set(
+                record_limits(&producer, &output, &dead_letters, true).await,
+                true,
+            );
+        });
+    }
     let consumer_config = shared.kafka.consumer_config(&wiring.group_id);
     let (consumer, rebalances) = crate::source::subscribe(&consumer_config, &wiring.input_topic)
         .context("creating the Kafka consumer")?;
@@ -136,7 +148,7 @@ pub async fn record_limits(
     let Ok(admin) = producer.create::<AdminClient<DefaultClientContext>>() else {
         return limits;
     };
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(4)));
     let described = admin
         .describe_configs(
             &[

@@ -233,9 +233,14 @@ struct DeliveryContext {
     /// A fatal error of the (idempotent) producer: nothing more can be sent.
     fatal: Mutex<Option<String>>,
     has_fatal: AtomicBool,
+    log: crate::logging::ClientLog,
 }
 
 impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message)
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
             if let Ok(mut f) = self.fatal.lock() {
@@ -243,7 +248,7 @@ impl ClientContext for DeliveryContext {
             }
             self.has_fatal.store(true, Ordering::Release);
         }
-        tracing::warn!(error = %error, reason, "The Kafka producer reports an error.");
+        self.log.error(error, reason)
     }
 }
 
@@ -318,10 +323,11 @@ impl Sender {
             first_failure: Mutex::new(None),
             fatal: Mutex::new(None),
             has_fatal: AtomicBool::new(false),
+            log: crate::logging::ClientLog::new("generator", &cfg),
         };
         let producer: ThreadedProducer<DeliveryContext> = cfg
             .create_with_context(context)
-            .map_err(ProduceError::Client)?;
+            .map_err(|e| ProduceError::Client(crate::kafka::redact_client_error(e)))?;
         let sender = Sender {
             producer,
             topic: topic.to_string(),

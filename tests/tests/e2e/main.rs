@@ -4,12 +4,17 @@
 mod cache;
 mod dead_letters;
 mod delivery;
+mod fuzz;
+mod header_names;
 mod hot_swap;
 mod operator;
+mod outbox_limits;
 mod pipeline;
 mod produce;
 mod restart;
 mod sandbox;
 mod schema;
+mod secrets;
 mod sink_failures;
+mod startup;
 mod windows;

@@ -260,18 +260,30 @@ impl Running {
     }
 }
 
-/// Starts the pipeline: rules loaded and checked, schema, subscribers loaded (campaigns are
-/// never joined against an empty cache), the rules watch, then the delivery loop.
-pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, Task)> {
+/// Starts the pipeline: rules loaded and checked, what it needs from outside there (PostgreSQL,
+/// the brokers, the input topic: `startup.rs`), schema, subscribers loaded (campaigns are never
+/// joined against an empty cache), the rules watch, then the delivery loop. `events` report
+/// the start already.
+pub async fn start(
+    shared: &Shared,
+    cfg: &CampaignsConfig,
+    events: Arc<Events>,
+) -> Result<(Running, Task)> {
     let engine = RulesEngine::new(cfg.rules.limits.clone()).context("starting the WASM engine")?;
     let loaded = engine
         .load_file(&cfg.rules.path)
         .with_context(|| format!("loading the rules component {}", cfg.rules.path.display()))?;
     tracing::info!(pipeline = NAME, rules = %loaded.identity(), path = %cfg.rules.path.display(), "Rules component loaded.");
     let rules = RulesHandle::new(loaded);
-    let events = Arc::new(Events::new(&shared.metrics, NAME));
     let identity = rules.current().identity().clone();
     events.rules_loaded(&identity.version, &identity.sha256);
+    crate::startup::wait_until_reachable(
+        shared,
+        &events,
+        &shared.kafka.consumer_config(&cfg.group_id),
+        &cfg.input_topic,
+    )
+    .await?;
 
     let pg = crate::db::connect(shared.postgres.as_str())
         .await
@@ -315,7 +327,7 @@ pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, T
             transactional_prefix: format!("campaign-runner-{}", cfg.group_id),
             producer: shared.kafka.producer_config(),
             plain_offset_commits: shared.mock_cluster,
-            record_limits: crate::delivery::RecordLimits::default(),
+            record_limits: crate::delivery::SharedLimits::default(),
         },
     };
     let worker = CampaignWorker {
@@ -325,6 +337,7 @@ pub async fn start(shared: &Shared, cfg: &CampaignsConfig) -> Result<(Running, T
     };
     let pipeline = Arc::new(Campaigns::new(cache.clone()));
     let (delivery, probe) = super::spawn(shared, wiring, pipeline, worker, events.clone()).await?;
+    events.started();
     tracing::info!(
         pipeline = NAME,
         brokers = shared.kafka.brokers(),

@@ -37,18 +37,29 @@ impl Running {
     }
 }
 
-/// Starts the pipeline: rules loaded and checked, tables, the rules watch, the consumer, then
-/// the loop.
-pub async fn start(shared: &Shared, cfg: &StoreRevenueConfig) -> Result<(Running, Task)> {
+/// Starts the pipeline: rules loaded and checked, what it needs from outside there (PostgreSQL,
+/// the brokers, the input topic: `startup.rs`), tables, the rules watch, the consumer, then the
+/// loop. `events` report the start already.
+pub async fn start(
+    shared: &Shared,
+    cfg: &StoreRevenueConfig,
+    events: Arc<Events>,
+) -> Result<(Running, Task)> {
     let engine = RulesEngine::new(cfg.rules.limits.clone()).context("starting the WASM engine")?;
     let loaded = engine
         .load_file(&cfg.rules.path)
         .with_context(|| format!("loading the rules component {}", cfg.rules.path.display()))?;
     tracing::info!(pipeline = NAME, rules = %loaded.identity(), path = %cfg.rules.path.display(), "Rules component loaded.");
     let rules = RulesHandle::new(loaded);
-    let events = Arc::new(Events::new(&shared.metrics, NAME));
     let identity = rules.current().identity().clone();
     events.rules_loaded(&identity.version, &identity.sha256);
+    crate::startup::wait_until_reachable(
+        shared,
+        &events,
+        &shared.kafka.consumer_config(&cfg.group_id),
+        &cfg.input_topic,
+    )
+    .await?;
 
     let pg = crate::db::connect(shared.postgres.as_str())
         .await
@@ -112,6 +123,7 @@ pub async fn start(shared: &Shared, cfg: &StoreRevenueConfig) -> Result<(Running
         }),
     );
     let delivery = tokio::spawn(revenue.run(shared.shutdown.clone(), shared.hard_stop.clone()));
+    events.started();
     tracing::info!(
         pipeline = NAME,
         brokers = shared.kafka.brokers(),

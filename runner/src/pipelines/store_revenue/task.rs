@@ -1122,14 +1122,7 @@ fn dead_letter(
     extra: &[(&str, String)],
     rules: &crate::sandbox::RulesIdentity,
 ) -> OutboxEntry {
-    let mut hs: HeaderList = m
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut hs: HeaderList = headers::of_message(m);
     hs.push((headers::DLQ_REASON.into(), code.as_bytes().to_vec()));
     hs.push((headers::DLQ_DETAIL.into(), detail.as_bytes().to_vec()));
     if let Some(f) = field {

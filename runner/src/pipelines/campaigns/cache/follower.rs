@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::Type;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 const COPY_SQL: &str = include_str!("../sql/copy_subscriptions.sql");
 /// The channel the triggers of `sql/subscriptions_feed.sql` notify.
@@ -133,9 +133,7 @@ impl Follower {
 
     /// LISTEN first, then COPY, then apply what arrived meanwhile: nothing is missed.
     async fn connect_and_resync(&mut self) -> Result<Connected, DbError> {
-        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls)
-            .await
-            .map_err(DbError::Unavailable)?;
+        let (client, mut connection) = crate::db::open(&self.url).await?;
         let (tx, feed) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
