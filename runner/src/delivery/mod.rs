@@ -35,7 +35,7 @@ use crate::retry::{stopped, Abandoned};
 use crate::sandbox::RulesIdentity;
 use crate::source::{RebalanceEvent, Rebalances, SourceConsumer};
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::ClientConfig;
 use stage::{unix_micros, Done, Job, Publisher, Stage};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -188,3 +188,61 @@ pub async fn record_limits(
     );
     limits
 }
+
+/// A pipeline's rules component, as a started pipeline holds it: the engine, the swappable
+/// handle, and the reloader (file watch, SIGHUP) with its task.
+pub struct Rules<C: crate::sandbox::Contract> {
+    pub engine: crate::sandbox::RulesEngine<C>,
+    pub handle: crate::sandbox::RulesHandle<C>,
+    pub reloader: crate::sandbox::Reloader<C>,
+}
+
+impl<C: crate::sandbox::Contract> std::fmt::Debug for Rules<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: crate::sandbox::Contract> Rules<C> {
+    /// Loads and checks the component at `path` (compile, contract, smoke test), reports it on
+    /// `events`.
+    pub fn load(
+        pipeline: &str,
+        limits: crate::sandbox::SandboxLimits,
+        path: &std::path::Path,
+        events: &Arc<Events>,
+    ) -> Result<Rules<C>> {
+        let engine =
+            crate::sandbox::RulesEngine::<C>::new(limits).context("starting the WASM engine")?;
+        let loaded = engine
+            .load_file(path)
+            .with_context(|| format!("loading the rules component {}", path.display()))?;
+        tracing::info!(pipeline, rules = %loaded.identity(), path = %path.display(), "Rules component loaded.");
+        let handle = crate::sandbox::RulesHandle::new(loaded);
+        let identity = handle.current().identity().clone();
+        events.rules_loaded(&identity.version, &identity.sha256);
+        let reloader = crate::sandbox::Reloader::new(
+            engine.clone(),
+            handle.clone(),
+            path.to_path_buf(),
+            events.clone(),
+        );
+        Ok(Rules {
+            engine,
+            handle,
+            reloader,
+        })
+    }
+
+    /// Starts the hot swap: a file watch when `watch`, SIGHUP always.
+    pub async fn watch(
+        &self,
+        watch: bool,
+        settle: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        self.reloader.clone().spawn(watch, settle, shutdown).await
+    }
+}

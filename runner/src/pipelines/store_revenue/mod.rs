@@ -45,14 +45,7 @@ pub async fn start(
     cfg: &StoreRevenueConfig,
     events: Arc<Events>,
 ) -> Result<(Running, Task)> {
-    let engine = RulesEngine::new(cfg.rules.limits.clone()).context("starting the WASM engine")?;
-    let loaded = engine
-        .load_file(&cfg.rules.path)
-        .with_context(|| format!("loading the rules component {}", cfg.rules.path.display()))?;
-    tracing::info!(pipeline = NAME, rules = %loaded.identity(), path = %cfg.rules.path.display(), "Rules component loaded.");
-    let rules = RulesHandle::new(loaded);
-    let identity = rules.current().identity().clone();
-    events.rules_loaded(&identity.version, &identity.sha256);
+    let loaded = super::Rules::load(NAME, cfg.rules.limits.clone(), &cfg.rules.path, &events)?;
     crate::startup::wait_until_reachable(
         shared,
         &events,
@@ -69,16 +62,14 @@ pub async fn start(
         .context("creating the store-revenue tables")?;
     drop(pg);
 
-    let reloader = Reloader::new(
-        engine.clone(),
-        rules.clone(),
-        cfg.rules.path.clone(),
-        events.clone(),
-    );
-    let reloads = reloader
-        .clone()
-        .spawn(cfg.rules.watch, cfg.rules.settle, shared.shutdown.clone())
+    let reloads = loaded
+        .watch(cfg.rules.watch, cfg.rules.settle, shared.shutdown.clone())
         .await;
+    let super::Rules {
+        engine,
+        handle: rules,
+        reloader,
+    } = loaded;
 
     let mut consumer_config = shared.kafka.consumer_config(&cfg.group_id);
     // The end of a partition is how an idle partition is told from a lagging one.

@@ -33,7 +33,7 @@ use crate::retry::{stopped, Abandoned, Backoff};
 use crate::source::{RebalanceEvent, Rebalances, SourceConsumer};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
