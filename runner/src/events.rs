@@ -631,7 +631,7 @@ impl Events {
         }
     }
 
-    fn sink_recovered(&self, sink: &'static str) {
+    pub(crate) fn sink_recovered(&self, sink: &'static str) {
         let blocked = match sink {
             "kafka" => "kafka_blocked",
             _ => "postgres_blocked",

@@ -99,6 +99,9 @@ impl<P: Pipeline> Delivery<P> {
             );
             next_offset = last + 1;
         }
+        // Kafka answered the new producer (and took the outbox, if there was one): whatever made
+        // it fail before (a stuck producer given up, a coordinator lost) is over.
+        self.events.sink_recovered("kafka");
         // Where this runner goes on from: past the outbox, or the committed offset. A partition
         // taken over again (its producer lost) has been consumed further already.
         self.seek(topic, partition, next_offset).await;

@@ -389,6 +389,8 @@ impl Revenue {
                 return Ok(());
             }
         }
+        // Kafka answered the new producer: whatever made it fail before is over.
+        self.events.sink_recovered("kafka");
         self.seek(p, owned.next_offset).await;
         tracing::info!(
             pipeline = self.events.pipeline(),
