@@ -246,3 +246,45 @@ impl<C: crate::sandbox::Contract> Rules<C> {
         self.reloader.clone().spawn(watch, settle, shutdown).await
     }
 }
+
+/// Checks a pipeline section's group and topics: none empty, the three topics different.
+/// Problems are added to `problems`, named under `section`.
+pub fn check_topics(
+    section: &str,
+    group_id: &str,
+    [input, output, dead_letters]: [&str; 3],
+    problems: &mut Vec<String>,
+) {
+    for (name, v) in [
+        ("group_id", group_id),
+        ("input_topic", input),
+        ("output_topic", output),
+        ("dead_letter_topic", dead_letters),
+    ] {
+        if v.trim().is_empty() {
+            problems.push(format!("{section}.{name} must not be empty"));
+        }
+    }
+    if input == output || input == dead_letters || output == dead_letters {
+        problems.push(format!(
+            "{section}.input_topic, output_topic and dead_letter_topic must be three different topics (got {input:?}, {output:?}, {dead_letters:?})"
+        ));
+    }
+}
+
+/// Checks a pipeline's rules limits: a positive call deadline, memory between 1 and 4096 MiB.
+pub fn check_rules_limits(
+    section: &str,
+    call_timeout: std::time::Duration,
+    memory_limit_mib: u64,
+    problems: &mut Vec<String>,
+) {
+    if call_timeout.is_zero() {
+        problems.push(format!("{section}.rules.call_timeout must be positive"));
+    }
+    if !(1..=4096).contains(&memory_limit_mib) {
+        problems.push(format!(
+            "{section}.rules.memory_limit_mib must be between 1 and 4096 (got {memory_limit_mib})"
+        ));
+    }
+}

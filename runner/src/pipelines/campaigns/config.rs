@@ -90,27 +90,16 @@ impl RawCampaigns {
         if !self.enabled {
             return None;
         }
-        for (name, v) in [
-            ("group_id", &self.group_id),
-            ("input_topic", &self.input_topic),
-            ("output_topic", &self.output_topic),
-            ("dead_letter_topic", &self.dead_letter_topic),
-        ] {
-            if v.trim().is_empty() {
-                problems.push(format!("{SECTION}.{name} must not be empty"));
-            }
-        }
-        let topics = [
-            &self.input_topic,
-            &self.output_topic,
-            &self.dead_letter_topic,
-        ];
-        if topics[0] == topics[1] || topics[0] == topics[2] || topics[1] == topics[2] {
-            problems.push(format!(
-                "{SECTION}.input_topic, output_topic and dead_letter_topic must be three different topics (got {:?}, {:?}, {:?})",
-                topics[0], topics[1], topics[2]
-            ));
-        }
+        super::super::check_topics(
+            SECTION,
+            &self.group_id,
+            [
+                &self.input_topic,
+                &self.output_topic,
+                &self.dead_letter_topic,
+            ],
+            problems,
+        );
         for (name, v) in [
             ("batch_max_messages", self.batch_max_messages),
             ("batch_max_drafts", self.batch_max_drafts),
@@ -122,15 +111,7 @@ impl RawCampaigns {
             }
         }
         let r = &self.rules;
-        if r.call_timeout.is_zero() {
-            problems.push(format!("{SECTION}.rules.call_timeout must be positive"));
-        }
-        if !(1..=4096).contains(&r.memory_limit_mib) {
-            problems.push(format!(
-                "{SECTION}.rules.memory_limit_mib must be between 1 and 4096 (got {})",
-                r.memory_limit_mib
-            ));
-        }
+        super::super::check_rules_limits(SECTION, r.call_timeout, r.memory_limit_mib, problems);
         if self.subscribers.full_resync_interval.is_zero() {
             problems.push(format!(
                 "{SECTION}.subscribers.full_resync_interval must be positive"

@@ -111,27 +111,16 @@ impl RawStoreRevenue {
         if !self.enabled {
             return None;
         }
-        for (name, v) in [
-            ("group_id", &self.group_id),
-            ("input_topic", &self.input_topic),
-            ("output_topic", &self.output_topic),
-            ("dead_letter_topic", &self.dead_letter_topic),
-        ] {
-            if v.trim().is_empty() {
-                problems.push(format!("{SECTION}.{name} must not be empty"));
-            }
-        }
-        let t = [
-            &self.input_topic,
-            &self.output_topic,
-            &self.dead_letter_topic,
-        ];
-        if t[0] == t[1] || t[0] == t[2] || t[1] == t[2] {
-            problems.push(format!(
-                "{SECTION}.input_topic, output_topic and dead_letter_topic must be three different topics (got {:?}, {:?}, {:?})",
-                t[0], t[1], t[2]
-            ));
-        }
+        super::super::check_topics(
+            SECTION,
+            &self.group_id,
+            [
+                &self.input_topic,
+                &self.output_topic,
+                &self.dead_letter_topic,
+            ],
+            problems,
+        );
         let window_secs = whole_secs("window", self.window, problems);
         let lateness_secs = if self.allowed_lateness.is_zero() {
             0
@@ -158,15 +147,7 @@ impl RawStoreRevenue {
             }
         }
         let r = &self.rules;
-        if r.call_timeout.is_zero() {
-            problems.push(format!("{SECTION}.rules.call_timeout must be positive"));
-        }
-        if !(1..=4096).contains(&r.memory_limit_mib) {
-            problems.push(format!(
-                "{SECTION}.rules.memory_limit_mib must be between 1 and 4096 (got {})",
-                r.memory_limit_mib
-            ));
-        }
+        super::super::check_rules_limits(SECTION, r.call_timeout, r.memory_limit_mib, problems);
         Some(StoreRevenueConfig {
             group_id: self.group_id.clone(),
             input_topic: self.input_topic.clone(),
