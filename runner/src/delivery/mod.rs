@@ -131,6 +131,52 @@ pub trait Pipeline: Send + Sync + Sized + 'static {
 
     /// Reports a message whose results are durable in both sinks.
     fn delivered(&self, events: &Events, pos: &SourcePos, delivery: &Self::Delivery, rules: &str);
+
+    /// The headers saying where a message's records come from and which rules made them:
+    /// by default the message's own position and `rules`.
+    fn provenance(
+        &self,
+        _msg: &OwnedMessage,
+        pos: &SourcePos,
+        rules: &RulesIdentity,
+    ) -> HeaderList {
+        default_provenance(pos, rules)
+    }
+
+    /// The headers a message's dead letter starts with, before its reason and provenance: by
+    /// default all of the message's own.
+    fn dead_letter_headers(&self, msg: &OwnedMessage) -> HeaderList {
+        headers::of_message(msg)
+    }
+
+    /// Records the unit in its PostgreSQL transaction, after the fence check and before the
+    /// pipeline's rows: returns the indices (in `unit`) of messages whose results must not be
+    /// written nor published (the dead-letter replay: messages another replay has replayed
+    /// already). By default nothing is recorded and everything is written.
+    fn record_unit<'t>(
+        &'t self,
+        _tx: &'t Transaction<'t>,
+        _unit: &'t [Evaluated<Self::Delivery>],
+    ) -> impl Future<Output = Result<BTreeSet<usize>, WriteError>> + Send + 't {
+        async { Ok(BTreeSet::new()) }
+    }
+}
+
+/// Where a message came from (topic, partition, offset) and which rules made its records.
+pub fn default_provenance(pos: &SourcePos, rules: &RulesIdentity) -> HeaderList {
+    [
+        (headers::SOURCE_TOPIC, pos.topic.as_bytes().to_vec()),
+        (
+            headers::SOURCE_PARTITION,
+            pos.partition.to_string().into_bytes(),
+        ),
+        (headers::SOURCE_OFFSET, pos.offset.to_string().into_bytes()),
+        (headers::RULES_VERSION, rules.version.as_bytes().to_vec()),
+        (headers::RULES_SHA256, rules.sha256.as_bytes().to_vec()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// Evaluates messages on a blocking thread (rules calls are synchronous).
@@ -143,6 +189,30 @@ pub trait Worker: Send + Sync + 'static {
     fn rules(&self) -> &RulesIdentity;
     /// Evaluates one message that has a value within the size limit.
     fn evaluate(&mut self, payload: &[u8], round: &Self::Round) -> Outcome<Self::Delivery>;
+
+    /// Evaluates one message as it came from the topic: by default a message without a value
+    /// (`missing_value`) or over `max_message_bytes` (`oversized`) is dead-lettered, any other
+    /// is given to [`Worker::evaluate`].
+    fn evaluate_message(
+        &mut self,
+        msg: &OwnedMessage,
+        max_message_bytes: usize,
+        round: &Self::Round,
+    ) -> Outcome<Self::Delivery> {
+        match msg.payload() {
+            None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
+            Some(p) if p.len() > max_message_bytes => Outcome::dead_letter(
+                "oversized",
+                format!(
+                    "the value is {} bytes; the limit is {}",
+                    p.len(),
+                    max_message_bytes
+                ),
+                None,
+            ),
+            Some(p) => self.evaluate(p, round),
+        }
+    }
 }
 
 /// How the core delivers one pipeline's messages.
@@ -277,6 +347,19 @@ pub struct Delivery<P: Pipeline> {
     publisher: Publisher,
     /// The Kafka stage, started by `run`.
     stage: Option<Stage<P>>,
+    /// A bounded run over given partitions (see [`Delivery::with_fixed_assignment`]).
+    fixed: Option<Fixed>,
+}
+
+/// A bounded run: partitions assigned by the caller (no consumer group membership), each from
+/// a given offset, until the consumer has reached the end of every one of them.
+#[derive(Debug)]
+struct Fixed {
+    start: Vec<(Key, i64)>,
+    /// Partitions whose end the consumer has reached.
+    ended: BTreeSet<i32>,
+    /// Set when the run has reached every end and drained.
+    completed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<P: Pipeline> std::fmt::Debug for Delivery<P> {
@@ -337,7 +420,95 @@ impl<P: Pipeline> Delivery<P> {
             lost: BTreeSet::new(),
             publisher,
             stage: None,
+            fixed: None,
         }
+    }
+
+    /// Makes the run bounded, over the partitions given (the dead-letter replay): no group
+    /// subscription and no rebalances. At the start each partition is taken over as usual (its
+    /// outbox published or deleted, judged by the committed offset) and then the group's
+    /// offset of the partition is set to its start offset, in a Kafka transaction of the
+    /// partition's producer (so that the outbox of the units to come is judged against it);
+    /// the consumer is assigned the partitions from there. The run ends, drained, once the
+    /// consumer has reached the end of every partition (it needs `enable.partition.eof`);
+    /// `completed` is set then, once every unit is published.
+    pub fn with_fixed_assignment(
+        mut self,
+        start: Vec<(String, i32, i64)>,
+        completed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        self.fixed = Some(Fixed {
+            start: start.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+            ended: BTreeSet::new(),
+            completed,
+        });
+        self
+    }
+
+    /// A consumer error: the end of a partition in a bounded run, else logged.
+    fn consumer_error(&mut self, e: &rdkafka::error::KafkaError) -> bool {
+        if let (rdkafka::error::KafkaError::PartitionEOF(p), Some(f)) = (e, self.fixed.as_mut()) {
+            f.ended.insert(*p);
+            return true;
+        }
+        tracing::warn!(error = %e, "Kafka consumer error.");
+        false
+    }
+
+    /// A bounded run has reached the end of every partition.
+    fn fixed_done(&self) -> bool {
+        self.fixed
+            .as_ref()
+            .is_some_and(|f| f.start.iter().all(|((_, p), _)| f.ended.contains(p)))
+    }
+
+    /// Takes the partitions of a bounded run over, sets their offsets to their start, and
+    /// assigns them to the consumer.
+    async fn start_fixed(&mut self, stop: watch::Receiver<bool>) -> Result<(), Abandoned> {
+        let start = self
+            .fixed
+            .as_ref()
+            .map(|f| f.start.clone())
+            .unwrap_or_default();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for ((topic, partition), offset) in start {
+            self.recover(&topic, partition, stop.clone()).await?;
+            let key = (topic.clone(), partition);
+            let Some(o) = self.owned.get_mut(&key) else {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "The partition could not be taken over: another run holds it."
+                );
+                return Err(Abandoned);
+            };
+            let producer = o.producer.clone();
+            let mut s = stop.clone();
+            let flight = self
+                .publisher
+                .publish(&producer, (&topic, partition), offset - 1, &[], &mut s)
+                .await?;
+            if !matches!(flight, stage::Flight::Published) {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "The partition's start offset could not be set: another run holds it."
+                );
+                self.owned.remove(&key);
+                return Err(Abandoned);
+            }
+            if let Some(o) = self.owned.get_mut(&key) {
+                o.next_offset = offset;
+            }
+            tpl.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset))
+                .map_err(|_| Abandoned)?;
+        }
+        if let Err(e) = self.consumer.assign(&tpl) {
+            tracing::error!(error = %e, "Cannot assign the partitions to the consumer.");
+            return Err(Abandoned);
+        }
+        self.events.assignment(Some(self.owned.len()));
+        Ok(())
     }
 
     fn stage(&mut self) -> &mut Stage<P> {
@@ -415,8 +586,14 @@ impl<P: Pipeline> Delivery<P> {
                 tracing::debug!(error = %e, "A unit connection could not be made yet.");
             }
         }
+        if self.fixed.is_some() && self.start_fixed(hard_stop.clone()).await.is_err() {
+            tracing::warn!("The bounded run could not start.");
+            let _ = self.drain().await;
+            self.events.running(false);
+            return;
+        }
         loop {
-            if *shutdown.borrow() {
+            if *shutdown.borrow() || self.fixed_done() {
                 break;
             }
             if self.apply_rebalances(hard_stop.clone()).await.is_err() {
@@ -448,8 +625,9 @@ impl<P: Pipeline> Delivery<P> {
             let first = match first {
                 Ok(m) => m.detach(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !self.consumer_error(&e) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     continue;
                 }
             };
@@ -468,8 +646,25 @@ impl<P: Pipeline> Delivery<P> {
         }
         // The units handed to the Kafka stage are published before the runner stops (unless it
         // is told to stop hard: they stay in the outbox, for whoever takes the partitions over).
-        if !*hard_stop.borrow() && self.drain().await.is_err() {
+        let reached_end = self.fixed_done();
+        let drained = if *hard_stop.borrow() {
+            false
+        } else if self.drain().await.is_err() {
             tracing::warn!("Stopping hard: units written to PostgreSQL stay in the outbox; they are published by whoever takes their partitions over.");
+            false
+        } else {
+            true
+        };
+        if drained && self.fixed.is_some() {
+            // A bounded run leaves no published entry behind in the outbox.
+            self.clean_idle_outboxes(hard_stop.clone()).await;
+        }
+        if let Some(f) = self.fixed.as_ref().filter(|_| reached_end && drained) {
+            // Every partition still ours (none fenced by another run) and published.
+            let all_owned = f.start.iter().all(|(k, _)| self.owned.contains_key(k));
+            if all_owned {
+                f.completed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         tracing::info!("Pipeline drained.");
         self.events.running(false);
@@ -478,14 +673,15 @@ impl<P: Pipeline> Delivery<P> {
     /// Takes more messages after the first: every one already fetched (natural batching: the
     /// longer the previous batch took, the more are waiting), then, if `batch_linger` is set,
     /// whatever arrives within it, until the batch is full.
-    async fn fill_batch(&self, first: OwnedMessage) -> Vec<OwnedMessage> {
+    async fn fill_batch(&mut self, first: OwnedMessage) -> Vec<OwnedMessage> {
         use futures::FutureExt;
+        let consumer = self.consumer.clone();
         let mut batch = vec![first];
         while batch.len() < self.cfg.batch_max_messages {
-            match self.consumer.recv().now_or_never() {
+            match consumer.recv().now_or_never() {
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "Kafka consumer error.");
+                    self.consumer_error(&e);
                     return batch;
                 }
                 None => break,
@@ -497,10 +693,10 @@ impl<P: Pipeline> Delivery<P> {
         let deadline = tokio::time::Instant::now() + self.cfg.batch_linger;
         while batch.len() < self.cfg.batch_max_messages {
             tokio::select! {
-                m = self.consumer.recv() => match m {
+                m = consumer.recv() => match m {
                     Ok(m) => batch.push(m.detach()),
                     Err(e) => {
-                        tracing::warn!(error = %e, "Kafka consumer error.");
+                        self.consumer_error(&e);
                         break;
                     }
                 },
@@ -970,23 +1166,13 @@ impl<P: Pipeline> Delivery<P> {
     ) -> Vec<OutboxEntry> {
         let mut entries = Vec::new();
         for e in group {
-            let provenance = [
-                (headers::SOURCE_TOPIC, e.pos.topic.as_bytes().to_vec()),
-                (
-                    headers::SOURCE_PARTITION,
-                    e.pos.partition.to_string().into_bytes(),
-                ),
-                (
-                    headers::SOURCE_OFFSET,
-                    e.pos.offset.to_string().into_bytes(),
-                ),
-                (headers::RULES_VERSION, rules.version.as_bytes().to_vec()),
-                (headers::RULES_SHA256, rules.sha256.as_bytes().to_vec()),
-            ];
-            let provenance = provenance.into_iter().map(|(k, v)| (k.to_string(), v));
+            if let Outcome::Skip { .. } = e.outcome {
+                continue;
+            }
+            let provenance = self.pipeline.provenance(&e.msg, &e.pos, rules);
             match &e.outcome {
                 Outcome::Deliver(d) => {
-                    entries.push(self.pipeline.entry(d, e.pos.offset, provenance.collect()))
+                    entries.push(self.pipeline.entry(d, e.pos.offset, provenance))
                 }
                 Outcome::DeadLetter {
                     code,
@@ -994,7 +1180,7 @@ impl<P: Pipeline> Delivery<P> {
                     field,
                 } => {
                     // The original headers first, then the reason and where the message came from.
-                    let mut headers: HeaderList = headers::of_message(&e.msg);
+                    let mut headers: HeaderList = self.pipeline.dead_letter_headers(&e.msg);
                     headers.push((headers::DLQ_REASON.into(), code.as_bytes().to_vec()));
                     headers.push((headers::DLQ_DETAIL.into(), detail.as_bytes().to_vec()));
                     headers.extend(provenance);
@@ -1032,19 +1218,7 @@ fn evaluate_unit<P: Pipeline>(
             partition: msg.partition(),
             offset: msg.offset(),
         };
-        let outcome = match msg.payload() {
-            None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
-            Some(p) if p.len() > cfg.max_message_bytes => Outcome::dead_letter(
-                "oversized",
-                format!(
-                    "the value is {} bytes; the limit is {}",
-                    p.len(),
-                    cfg.max_message_bytes
-                ),
-                None,
-            ),
-            Some(p) => w.evaluate(p, round),
-        };
+        let outcome = w.evaluate_message(&msg, cfg.max_message_bytes, round);
         if let Outcome::Deliver(d) = &outcome {
             weight += P::weight(d);
         }

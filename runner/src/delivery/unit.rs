@@ -510,9 +510,15 @@ impl<D: Send + Sync + 'static> UnitTx<'_, D> {
         if current.map(|r| r.get::<_, i64>(0)) != Some(fence.epoch) {
             return Err(OpError::Fenced(fence.clone()));
         }
+        // What the pipeline records of the unit itself, and which messages it leaves out.
+        let left_out = pipeline.record_unit(&tx, self.unit).await?;
+        let entry_units = entry_units(self.unit);
+        let written = |entry: usize| !left_out.contains(&entry_units[entry]);
         // The pipeline's rows, and which records of its deliveries are new; dead letters are
         // always published.
-        let deliveries: Vec<(usize, &D)> = delivered_entries(self.unit).collect();
+        let deliveries: Vec<(usize, &D)> = delivered_entries(self.unit)
+            .filter(|(entry, _)| written(*entry))
+            .collect();
         let mut kept = if deliveries.is_empty() {
             Vec::new()
         } else {
@@ -524,7 +530,7 @@ impl<D: Send + Sync + 'static> UnitTx<'_, D> {
             self.entries
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| e.target == Target::DeadLetters)
+                .filter(|(entry, e)| e.target == Target::DeadLetters && written(*entry))
                 .map(|(entry, _)| Kept { entry, only: None }),
         );
         kept.sort_by_key(|k| k.entry);
@@ -566,4 +572,14 @@ pub(super) fn delivered_entries<D>(
             Outcome::Deliver(d) => Some((entry, d)),
             _ => None,
         })
+}
+
+/// The index in `unit` of the message of each outbox entry (entries are made, in order, for
+/// every delivered or dead-lettered message).
+fn entry_units<D>(unit: &[Evaluated<D>]) -> Vec<usize> {
+    unit.iter()
+        .enumerate()
+        .filter(|(_, e)| !matches!(e.outcome, Outcome::Skip { .. }))
+        .map(|(i, _)| i)
+        .collect()
 }

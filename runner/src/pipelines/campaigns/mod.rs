@@ -169,6 +169,17 @@ pub struct CampaignWorker {
     clock: Arc<dyn Clock>,
 }
 
+impl CampaignWorker {
+    /// A worker evaluating with `rules`, reading the time from `clock`.
+    pub fn new(rules: RulesHandle, clock: Arc<dyn Clock>) -> CampaignWorker {
+        CampaignWorker {
+            evaluator: CampaignEvaluator::new(rules),
+            clients: Vec::new(),
+            clock,
+        }
+    }
+}
+
 impl Worker for CampaignWorker {
     type Delivery = CampaignDelivery;
     type Round = Arc<Snapshot>;

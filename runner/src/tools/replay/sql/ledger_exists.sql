@@ -1,0 +1,1 @@
+SELECT to_regclass('campaign_replay_ledger') IS NOT NULL

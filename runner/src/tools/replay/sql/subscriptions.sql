@@ -1,0 +1,1 @@
+SELECT restaurant_id, client_id FROM public.subscribers_restaurants
