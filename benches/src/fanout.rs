@@ -5,14 +5,15 @@
 //!    of output-shaped messages.
 //! 2. Fan-out: 1,000 active campaigns x 1,000 subscribers = 1,000,000 drafts end to end
 //!    through the runner, until both sinks committed; drafts/s and the ratio to the slower
-//!    ceiling of (1).
+//!    ceiling of (1). The subscribers and the campaigns are those of `runner produce
+//!    campaigns` (`runner::produce::campaigns`): one restaurant per campaign, seeded with
+//!    binary COPY, and the campaigns sent as fast as its producer takes them.
 
 use crate::broker::{Broker, INPUT_PARTITIONS};
 use crate::cpu::machine_busy_secs;
 use crate::report::Report;
 use anyhow::{Context, Result};
 use futures::pin_mut;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use runner::delivery::{Evaluated, OutboxEntry, Outcome, Records, Target};
 use runner::events::{Events, SourcePos};
@@ -20,6 +21,10 @@ use runner::pipelines::campaigns::contract::Campaign;
 use runner::pipelines::campaigns::drafts::Drafts;
 use runner::pipelines::campaigns::feedback::COLUMN_TYPES;
 use runner::pipelines::campaigns::CampaignDelivery;
+use runner::produce::campaigns::{
+    client_id, seed_subscribers, CampaignGenerator, DEFAULT_SEED_BATCH,
+};
+use runner::produce::{CampaignsOptions, Limit, Progress};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +32,9 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
 
 const NOW: i64 = 1_700_000_000;
+
+/// The seed of the fan-out's restaurants, subscribers and campaigns.
+const SEED: u64 = 1;
 
 /// A phase's rate (items/s) and the machine's busy CPU time per item (µs) over the same
 /// window.
@@ -360,38 +368,37 @@ async fn fanout(
         .get::<_, i64>(0);
     if have != (campaigns * per) as i64 {
         c.batch_execute("TRUNCATE subscribers_restaurants").await?;
-        c.batch_execute(&format!(
-            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
-             '00000000-0000-4000-8000-' || lpad(to_hex(g / {per}), 12, '0') FROM generate_series(0, {}) g",
-            campaigns * per - 1
-        ))
+        let seeded = seed_subscribers(
+            url,
+            u32::try_from(campaigns)?,
+            u32::try_from(per)?,
+            SEED,
+            DEFAULT_SEED_BATCH,
+            Progress::Hidden,
+        )
         .await?;
+        eprintln!("bench fanout: {seeded}");
     }
     let (running, input) = broker.start_runner(url, rules, "").await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .create()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs() as i64;
-    let value = |i: usize| {
-        format!(
-            r#"{{"restaurant_id":"00000000-0000-4000-8000-{:012x}","adv_campaign_id":"{}","adv_campaign_content":"70% off","adv_campaign_owner":"o","adv_campaign_owner_contact":"c","adv_campaign_datetime_start":{},"adv_campaign_datetime_end":{},"datetime_created":{}}}"#,
-            i % campaigns,
-            uuid::Uuid::new_v4(),
-            now - 3600,
-            now + 3600,
-            now - 7200
-        )
+    // Campaign n goes to restaurant n mod `campaigns`: the warm-up is campaign 0, the
+    // measured ones 1 ..= campaigns, one per restaurant. All active at the runner's clock.
+    let send = |first: u64, count: u64| {
+        let mut opts = CampaignsOptions {
+            restaurants: u32::try_from(campaigns).unwrap_or(u32::MAX),
+            first,
+            seed: Some(SEED),
+            subscribers_per_restaurant: u32::try_from(per).ok(),
+            ..CampaignsOptions::default()
+        };
+        opts.produce.topic = input.clone();
+        opts.produce.limit = Limit::Count(count);
+        opts.produce.as_fast_as_possible = true;
+        let mut producer = ClientConfig::new();
+        producer.set("bootstrap.servers", broker.brokers());
+        runner::produce::campaigns(producer, opts, Progress::Hidden)
     };
     // Warm-up: the group join and first compile are not part of the figure.
-    producer
-        .send(
-            FutureRecord::to(&input).key("warm").payload(&value(0)),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
+    send(0, 1).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while running.campaigns().stats().offsets_stored < 1 {
         anyhow::ensure!(
@@ -402,17 +409,12 @@ async fn fanout(
     }
     eprintln!("bench fanout: fan-out of {campaigns} campaigns x {per} subscribers starts");
     let t = Timer::start();
-    for i in 0..campaigns {
-        let v = value(i);
-        let key = i.to_string();
-        producer
-            .send(
-                FutureRecord::to(&input).key(&key).payload(&v),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
-    }
+    let sent = send(1, campaigns as u64).await?;
+    anyhow::ensure!(
+        sent.expected_drafts == Some((campaigns * per) as u64),
+        "the campaigns sent must make {} drafts: {sent:?}",
+        campaigns * per
+    );
     let want = campaigns as u64 + 1;
     let mut last = Instant::now();
     while running.campaigns().stats().offsets_stored < want {
@@ -453,10 +455,18 @@ pub async fn run(
     let url = fresh_db(admin_url, "bench_fanout")
         .await
         .context("bench database")?;
-    let sink_campaigns: Vec<String> = (0..200).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-    let sink_clients: Vec<String> = (0..1000)
-        .map(|_| uuid::Uuid::new_v4().to_string())
+    // The generator's ids: 200 campaigns of restaurant 0 and its first 1,000 subscribers.
+    let mut generator = CampaignGenerator::new(
+        &CampaignsOptions {
+            restaurants: 1,
+            ..CampaignsOptions::default()
+        },
+        SEED,
+    );
+    let sink_campaigns: Vec<String> = (0..200)
+        .map(|_| generator.next_campaign(NOW).campaign_id)
         .collect();
+    let sink_clients: Vec<String> = (0..1000).map(|j| client_id(SEED, 0, j)).collect();
     let topic = format!("ceiling-{}", uuid::Uuid::new_v4());
     broker.create_topic(&topic, 4).await?;
     let mut report = Report::new("fanout");

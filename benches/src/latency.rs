@@ -1,5 +1,7 @@
 //! Latency at a steady rate, and the same with the rules swapped under load.
-//! Campaigns at `rate`/s, each for a restaurant with `subscribers` subscribers; latency is what
+//! Campaigns at `rate`/s, each for a restaurant with `subscribers` subscribers (the
+//! restaurants, subscribers and campaigns of `runner produce campaigns`, sent by this bench
+//! with its own timestamps); latency is what
 //! the runner records per message: from its Kafka timestamp (set when it was produced) to its
 //! results being committed in both sinks (read back from the runner's latency histogram, to
 //! within its bucket). The load runs for 2 x `secs` in slices that
@@ -16,6 +18,8 @@ use rdkafka::ClientConfig;
 use runner::app::Running;
 use runner::events::stage;
 use runner::metrics::Quantiles;
+use runner::produce::campaigns::{seed_subscribers, CampaignGenerator, DEFAULT_SEED_BATCH};
+use runner::produce::{CampaignsOptions, Progress};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,13 +29,20 @@ const STAGE_ORDER: [&str; 10] = stage::ALL;
 /// Seconds of load at the measured rate before measuring.
 const WARM_UP_SECS: u64 = 15;
 
-/// Produces campaigns at `rate`/s for `secs`, calling `during` after each with the time since
-/// the start, and waits until the runner committed them all.
+/// The number of restaurants the campaigns go to (round robin).
+const RESTAURANTS: u32 = 100;
+
+/// The seed of the restaurants, subscribers and campaigns.
+const SEED: u64 = 1;
+
+/// Produces the generator's next campaigns at `rate`/s for `secs`, each active at the wall
+/// clock, calling `during` after each with the time since the start, and waits until the
+/// runner committed them all.
 async fn steady_load(
     running: &Running,
     brokers: &str,
     topic: &str,
-    restaurants: usize,
+    generator: &mut CampaignGenerator,
     rate: u64,
     secs: u64,
     mut during: impl FnMut(Duration),
@@ -41,9 +52,6 @@ async fn steady_load(
         .set("linger.ms", "0")
         .create()?;
     let base = running.campaigns().stats().offsets_stored;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs() as i64;
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let t = Instant::now();
@@ -51,23 +59,14 @@ async fn steady_load(
     let mut deliveries = Vec::with_capacity(total as usize);
     for i in 0..total {
         tick.tick().await;
-        let value = format!(
-            r#"{{"restaurant_id":"00000000-0000-4000-8000-{:012x}","adv_campaign_id":"{}","adv_campaign_content":"70% off","adv_campaign_owner":"o","adv_campaign_owner_contact":"c","adv_campaign_datetime_start":{},"adv_campaign_datetime_end":{},"datetime_created":{}}}"#,
-            i as usize % restaurants,
-            uuid::Uuid::new_v4(),
-            now - 3600,
-            now + 3600,
-            now - 7200
-        );
-        let key = i.to_string();
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as i64;
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let campaign = generator.next_campaign(wall.as_secs() as i64);
+        let key = campaign.key.unwrap_or_else(|| i.to_string());
         match producer.send_result(
             FutureRecord::to(topic)
                 .key(&key)
-                .payload(&value)
-                .timestamp(ts),
+                .payload(&campaign.value)
+                .timestamp(wall.as_millis() as i64),
         ) {
             Ok(f) => deliveries.push(f),
             Err((e, _)) => anyhow::bail!("produce: {e}"),
@@ -109,13 +108,24 @@ pub async fn run(
         let url = e2e_tests::fresh_database(admin_url, "bench_latency").await?;
         let c = runner::db::connect(&url).await?;
         runner::pipelines::campaigns::ensure_schema(&c).await?;
-        let restaurants = 100;
-        c.batch_execute(&format!(
-            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) SELECT gen_random_uuid()::text, \
-             '00000000-0000-4000-8000-' || lpad(to_hex(g / {subscribers}), 12, '0') FROM generate_series(0, {}) g",
-            restaurants * subscribers - 1
-        ))
+        seed_subscribers(
+            &url,
+            RESTAURANTS,
+            u32::try_from(subscribers)?,
+            SEED,
+            DEFAULT_SEED_BATCH,
+            Progress::Hidden,
+        )
         .await?;
+        // Every campaign active: one draft per subscriber each.
+        let mut generator = CampaignGenerator::new(
+            &CampaignsOptions {
+                restaurants: RESTAURANTS,
+                seed: Some(SEED),
+                ..CampaignsOptions::default()
+            },
+            SEED,
+        );
         let dir = std::env::temp_dir().join(format!("bench-latency-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let live = dir.join("rules.wasm");
@@ -132,7 +142,7 @@ pub async fn run(
             &running,
             &broker.brokers(),
             &input,
-            restaurants,
+            &mut generator,
             rate,
             WARM_UP_SECS,
             |_| {},
@@ -159,7 +169,7 @@ pub async fn run(
             &running,
             &broker.brokers(),
             &input,
-            restaurants,
+            &mut generator,
             rate,
             2 * secs,
             |elapsed| {

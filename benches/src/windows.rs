@@ -1,9 +1,10 @@
 //! Store revenue end to end against the broker's own consume ceiling, in the same run on the
 //! same services. Each run:
-//! 1. Preload: `events` sales (`stores` stores, keyed by store, prices with two decimals, event
-//!    time advancing ~1,000 sales per event second from a fixed base with a few seconds of
-//!    jitter, one in 10,000 sent two minutes behind) into a fresh topic of 4 partitions, as fast
-//!    as a producer with lz4, large batches and a linger takes them. Information only.
+//! 1. Preload: `events` sales made by `runner produce sales`'s generator (`stores` stores,
+//!    keyed by store, prices with two decimals, event time advancing ~1,000 sales per event
+//!    second from a fixed base with a few seconds of jitter, one in 10,000 sent two minutes
+//!    behind) into a fresh topic of 4 partitions, as fast as a producer with lz4, large batches
+//!    and a linger takes them. Information only.
 //! 2. Consume ceiling: a plain read_committed consumer, assigned every partition from the
 //!    beginning, counts them all (no parsing): with the runner's consumer settings but a short
 //!    `fetch.queue.backoff.ms` (the broker's ceiling), and with the runner's settings unchanged.
@@ -56,19 +57,6 @@ const TRIGGER: &str = "1s";
 const POLL: Duration = Duration::from_millis(50);
 /// A phase that takes longer than this has failed.
 const PHASE_LIMIT: Duration = Duration::from_secs(900);
-const ITEMS: &[&str] = &[
-    "coffee",
-    "tea",
-    "croissant",
-    "bagel",
-    "muffin",
-    "sandwich",
-    "salad",
-    "soup",
-    "juice",
-    "water",
-];
-
 /// The preloaded sales, generated once from a seed and sent again each run.
 struct Input {
     bytes: Vec<u8>,
@@ -91,48 +79,45 @@ impl Input {
     }
 }
 
-/// splitmix64: a seeded, reproducible stream of numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
-fn generate(events: usize, stores: u32, seed: u64) -> Input {
-    use std::io::Write;
-    let mut rng = Rng(seed);
+/// The sales of `runner produce sales` (`runner::produce::sales`): `stores` stores round robin,
+/// keyed by store, `PER_EVENT_SECOND` sales per second of event time from `BASE_TS`, each up
+/// to `JITTER_SECS` early, prices drawn between 1.00 and 19.99, one in `LATE_ONE_IN` sent
+/// `LATE_BY_SECS` behind where its partition's watermark has surely passed its window.
+fn generate(events: usize, stores: u32, seed: u64) -> Result<Input> {
+    use runner::produce::sales::{SaleKind, SalesGenerator, SalesOptions};
+    let opts = SalesOptions {
+        stores,
+        rate: PER_EVENT_SECOND as f64 / f64::from(stores.max(1)),
+        simulated_start: Some(BASE_TS),
+        price_range: Some((100, 1999)),
+        jitter: Duration::from_secs(JITTER_SECS),
+        late_fraction: 1.0 / LATE_ONE_IN as f64,
+        late_by: Duration::from_secs(LATE_BY_SECS as u64),
+        seed: Some(seed),
+        ..SalesOptions::default()
+    };
+    opts.validate()?;
+    let mut generator = SalesGenerator::new(&opts, seed, BASE_TS * 1000);
     let mut input = Input {
         bytes: Vec::with_capacity(events * 80),
         ends: Vec::with_capacity(events),
         stores: Vec::with_capacity(events),
         total_minor: 0,
     };
-    for i in 0..events {
-        let store = 1 + rng.below(u64::from(stores)) as u32;
-        let cents = 100 + rng.below(1900) as i64;
-        let item = ITEMS[rng.below(ITEMS.len() as u64) as usize];
-        let mut ts = BASE_TS + (i / PER_EVENT_SECOND) as i64 - rng.below(JITTER_SECS + 1) as i64;
-        if rng.below(LATE_ONE_IN) == 0 {
-            ts -= LATE_BY_SECS;
-        }
-        write!(
-            input.bytes,
-            r#"{{"store":"store-{store}","item":"{item}","price":{}.{:02},"ts":{ts}}}"#,
-            cents / 100,
-            cents % 100
-        )
-        .expect("writing to a Vec");
+    for _ in 0..events {
+        let sale = generator.next_sale();
+        debug_assert!(matches!(sale.kind, SaleKind::OnTime | SaleKind::Late));
+        let store = sale
+            .store
+            .strip_prefix("store-")
+            .and_then(|n| n.parse::<u32>().ok())
+            .context("a store id store-N")?;
+        input.bytes.extend_from_slice(&sale.value);
         input.ends.push(input.bytes.len());
         input.stores.push(store);
-        input.total_minor += cents;
+        input.total_minor += sale.price_cents;
     }
-    input
+    Ok(input)
 }
 
 /// CPU time spent so far, in seconds (USER_HZ = 1/100 s on Linux): the whole machine's busy time
@@ -668,7 +653,7 @@ pub async fn run(
     let broker = Broker::start()?;
     let pid = broker_pid(&broker);
     let t = Instant::now();
-    let input = Arc::new(generate(events, stores, seed));
+    let input = Arc::new(generate(events, stores, seed)?);
     eprintln!(
         "bench windows: {events} sales of {stores} stores generated in {:.1} s ({} MB of values, {} cents in all)",
         t.elapsed().as_secs_f64(),
@@ -874,7 +859,7 @@ pub async fn run(
         None,
     );
     report.notes.push(format!(
-        "Broker: {}; topic of {INPUT_PARTITIONS} partitions, fresh per run. {events} sales (seed {seed}) of {stores} stores keyed by store, ~{} bytes each, prices 1.00–19.99 with two decimals, event time {PER_EVENT_SECOND} sales per event second from {} with 0–{JITTER_SECS} s of jitter, one in {LATE_ONE_IN} sent {LATE_BY_SECS} s behind (late unless it is its partition's first).",
+        "Broker: {}; topic of {INPUT_PARTITIONS} partitions, fresh per run. {events} sales (seed {seed}) of {stores} stores keyed by store, ~{} bytes each, prices 1.00–19.99 with two decimals, event time {PER_EVENT_SECOND} sales per event second from {} with 0–{JITTER_SECS} s of jitter, one in {LATE_ONE_IN} sent {LATE_BY_SECS} s behind (only where its partition's watermark has surely passed its window); the sales of `runner produce sales`, stores round robin.",
         broker.label(),
         input.bytes.len() / events,
         runner::pipelines::store_revenue::task::rfc3339(BASE_TS),

@@ -10,7 +10,8 @@
 //! `events` and `metrics` (what is reported), `status` (HTTP), `retry`,
 //! `headers`, `db`, `clock`, `logging` (librdkafka's log lines: levels, secrets redacted,
 //! repeats rate-limited). Wiring: `app`; the `runner demo` command: `demo`; the `runner
-//! produce` traffic generators: `produce`.
+//! produce` traffic generators: `produce`; the operator commands (rules workflow, dead-letter
+//! replay, reconcile): `tools`.
 
 pub mod app;
 pub mod clock;
@@ -30,3 +31,4 @@ pub mod sandbox;
 pub mod source;
 pub mod startup;
 pub mod status;
+pub mod tools;

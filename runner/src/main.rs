@@ -91,6 +91,20 @@ enum Command {
         #[command(subcommand)]
         command: ProduceCommand,
     },
+    /// Dead-letter helpers.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
+    /// Compare, per campaign, the drafts in the output topic with the rows of
+    /// subscribers_feedback; print every difference and exit non-zero on any.
+    Reconcile(runner::tools::reconcile::ReconcileArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// Re-drive dead-lettered messages (their raw bytes) through the pipeline, exactly once.
+    Replay(runner::tools::replay::ReplayArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +130,34 @@ enum ProduceCommand {
     ///     --duration 20s --late-fraction 0.02 --malformed-fraction 0.02 --seed 1
     #[command(verbatim_doc_comment)]
     Sales(SalesArgs),
+    /// Campaigns for the campaign pipeline (docs/SPEC.md, "Pipeline 1"), and optionally the
+    /// subscribers they fan out to.
+    ///
+    /// Sends SPEC.md's campaign values (UUID ids, unix-second times) across --restaurants
+    /// restaurants (campaign n to restaurant n mod R), keyed by restaurant id, at --rate per
+    /// second or as fast as possible. Each campaign is active at the moment it is sent, or, with
+    /// the given fractions, expired, future, or malformed in one of seven ways the rules refuse
+    /// (each dead-lettered with its own reason code). With --seed-subscribers, R × M
+    /// subscriptions are first written into subscribers_restaurants ([postgres] url of the
+    /// configuration or --postgres-url; the table is created as SPEC.md gives it when absent;
+    /// rows of the same restaurants are replaced). Restaurant and client ids derive from
+    /// --seed: seed and produce with the same seed and the campaigns fan out to the subscribers
+    /// seeded.
+    ///
+    /// A progress line goes to stderr about once a second; the summary (campaigns per kind,
+    /// the drafts, skips and dead letters the pipeline must make of them, rows seeded, wall
+    /// time, rate, seed) to stdout at the end, or on SIGINT/SIGTERM after what was sent is
+    /// acknowledged. Exits non-zero if PostgreSQL or the brokers cannot be reached, the topic
+    /// does not exist, or a campaign cannot be delivered within --delivery-timeout.
+    ///
+    /// Example, 1,000 restaurants × 50 subscribers, then 10 campaigns a second for a minute,
+    /// a tenth of them expired and a tenth malformed:
+    ///
+    ///   runner produce campaigns --config runner.toml --seed 1 --seed-subscribers \
+    ///     --restaurants 1000 --subscribers-per-restaurant 50 \
+    ///     --expired-fraction 0.1 --malformed-fraction 0.1
+    #[command(verbatim_doc_comment)]
+    Campaigns(CampaignsArgs),
 }
 
 /// What every generator takes: where to send, how much, how fast, how to report.
@@ -239,6 +281,67 @@ struct SalesArgs {
     totals: bool,
 }
 
+#[derive(Debug, Args)]
+struct CampaignsArgs {
+    #[command(flatten)]
+    common: ProduceArgs,
+    /// Number of restaurants; their ids derive from --seed.
+    #[arg(long, default_value_t = 100, help_heading = "Campaigns")]
+    restaurants: u32,
+    /// Sequence number of the first campaign: with the same --seed, a run from --first N
+    /// continues one that sent N campaigns (new campaign ids, the same restaurants; a campaign
+    /// id sent again makes no drafts). The summary says where to continue.
+    #[arg(long, default_value_t = 0, help_heading = "Campaigns")]
+    first: u64,
+    /// Campaigns per second (wall clock), unless --as-fast-as-possible.
+    #[arg(long, default_value_t = 10.0, help_heading = "Campaigns")]
+    rate: f64,
+    /// Fraction of campaigns that ended before they are sent (skipped as `expired`).
+    #[arg(long, default_value_t = 0.0, help_heading = "Campaigns")]
+    expired_fraction: f64,
+    /// Fraction of campaigns that start well after they are sent (skipped as `not_started`).
+    #[arg(long, default_value_t = 0.0, help_heading = "Campaigns")]
+    future_fraction: f64,
+    /// Fraction of campaigns broken in one way chosen at random: not JSON, not UTF-8, not an
+    /// object, a missing field, a wrong type, an id that is not a hyphenated UUID, start not
+    /// before end (each dead-lettered by the rules with its own reason code).
+    #[arg(long, default_value_t = 0.0, help_heading = "Campaigns")]
+    malformed_fraction: f64,
+    /// The "now" campaigns are active, expired or future at: unix seconds or RFC 3339, for a
+    /// runner whose clock is fixed too [default: the clock when each campaign is sent].
+    #[arg(long, value_parser = runner::produce::parse_event_time, help_heading = "Campaigns")]
+    now: Option<i64>,
+    /// From start to end of a campaign: an active one stays active for at least half of it
+    /// after it is sent.
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration, help_heading = "Campaigns")]
+    campaign_length: Duration,
+    /// The key of each campaign: `restaurant` (its id), `campaign` (its id), `none`, or any
+    /// other text sent as the key of every campaign (e.g. first_message).
+    #[arg(long, default_value = "restaurant", value_parser = runner::produce::campaigns::KeyMode::parse, help_heading = "Campaigns")]
+    key: runner::produce::campaigns::KeyMode,
+    /// Subscribers per restaurant (M): seeded with --seed-subscribers; the summary predicts
+    /// active × M drafts.
+    #[arg(long, help_heading = "Subscribers")]
+    subscribers_per_restaurant: Option<u32>,
+    /// Before sending, write restaurants × M subscriptions into subscribers_restaurants
+    /// (replacing the rows of the same restaurants).
+    #[arg(
+        long,
+        requires = "subscribers_per_restaurant",
+        help_heading = "Subscribers"
+    )]
+    seed_subscribers: bool,
+    /// Seed the subscribers and send nothing (no Kafka needed).
+    #[arg(long, requires = "seed_subscribers", help_heading = "Subscribers")]
+    seed_only: bool,
+    /// PostgreSQL connection string, in place of postgres.url of the configuration.
+    #[arg(long, help_heading = "Subscribers")]
+    postgres_url: Option<String>,
+    /// Rows per COPY statement when seeding.
+    #[arg(long, default_value_t = runner::produce::campaigns::DEFAULT_SEED_BATCH, help_heading = "Subscribers")]
+    seed_batch: usize,
+}
+
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the built-in defaults, with comments.
@@ -262,6 +365,12 @@ enum RulesCommand {
         #[arg(long, value_enum)]
         kind: Option<RulesKind>,
     },
+    /// Write a ready-to-build transform crate from a template.
+    New(runner::tools::rules::NewArgs),
+    /// Build a transform crate into a component.
+    Build(runner::tools::rules::BuildArgs),
+    /// Run a component offline over sample messages and print what it would produce.
+    Test(runner::tools::rules::TestArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -352,7 +461,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     Ok(Config::load(&sources)?)
 }
 
-async fn real_main(cli: Cli) -> Result<()> {
+async fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let signal = shutdown_signal()?;
@@ -366,7 +475,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                     "Exiting."
                 );
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
             rules,
@@ -380,20 +489,21 @@ async fn real_main(cli: Cli) -> Result<()> {
                 admin_url,
                 database,
             })
-            .await
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
             print!("{DEFAULTS}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
             let config = load_config(config.as_ref())?;
             println!("{config:#?}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Rules {
             command: RulesCommand::Check { file, kind },
@@ -412,7 +522,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                             file.display(),
                             format!("{k:?}").to_lowercase()
                         );
-                        return Ok(());
+                        return Ok(ExitCode::SUCCESS);
                     }
                     // Another pipeline's world: try the next kind.
                     Err(e)
@@ -439,9 +549,25 @@ async fn real_main(cli: Cli) -> Result<()> {
                 why.join("; ")
             )
         }
+        Command::Rules {
+            command: RulesCommand::New(args),
+        } => runner::tools::rules::new(args).await,
+        Command::Rules {
+            command: RulesCommand::Build(args),
+        } => runner::tools::rules::build(args).await,
+        Command::Rules {
+            command: RulesCommand::Test(args),
+        } => runner::tools::rules::test(args).await,
+        Command::DeadLetters {
+            command: DeadLettersCommand::Replay(args),
+        } => runner::tools::replay::run(args).await,
+        Command::Reconcile(args) => runner::tools::reconcile::run(args).await,
         Command::Produce {
             command: ProduceCommand::Sales(args),
-        } => produce_sales(args).await,
+        } => produce_sales(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Produce {
+            command: ProduceCommand::Campaigns(args),
+        } => produce_campaigns(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -509,6 +635,82 @@ async fn produce_sales(args: SalesArgs) -> Result<()> {
     Ok(())
 }
 
+async fn produce_campaigns(args: CampaignsArgs) -> Result<()> {
+    use runner::produce::campaigns::{seed_subscribers, CampaignsOptions, SeedTarget};
+    let common = &args.common;
+    let (raw, kafka) =
+        runner::produce::load_config(common.config.as_deref(), common.brokers.as_deref())?;
+    let progress = if common.quiet {
+        Progress::Hidden
+    } else {
+        Progress::Stderr
+    };
+    let postgres_url = args
+        .postgres_url
+        .clone()
+        .unwrap_or_else(|| raw.postgres.url.clone());
+    if args.seed_only {
+        let seed = common
+            .seed
+            .unwrap_or_else(runner::produce::campaigns::random_seed);
+        let m = args
+            .subscribers_per_restaurant
+            .context("--seed-only needs --subscribers-per-restaurant")?;
+        let report = seed_subscribers(
+            &postgres_url,
+            args.restaurants,
+            m,
+            seed,
+            args.seed_batch,
+            progress,
+        )
+        .await?;
+        if common.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["seed"] = seed.into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("Seeding: {report}, seed {seed}");
+        }
+        return Ok(());
+    }
+    let opts = CampaignsOptions {
+        produce: ProduceOptions {
+            topic: common
+                .topic
+                .clone()
+                .unwrap_or_else(|| raw.pipelines.campaigns.input_topic.clone()),
+            limit: common.limit(),
+            as_fast_as_possible: common.as_fast_as_possible,
+            max_in_flight: common.max_in_flight,
+            stop: Some(produce_stop()?),
+        },
+        restaurants: args.restaurants,
+        first: args.first,
+        rate: args.rate,
+        expired_fraction: args.expired_fraction,
+        future_fraction: args.future_fraction,
+        malformed_fraction: args.malformed_fraction,
+        now: args.now,
+        length: args.campaign_length,
+        key: args.key,
+        seed: common.seed,
+        subscribers_per_restaurant: args.subscribers_per_restaurant,
+        seed_into: args.seed_subscribers.then_some(SeedTarget {
+            url: postgres_url,
+            batch_rows: args.seed_batch,
+        }),
+    };
+    let producer = runner::produce::client_config(&kafka, common.delivery_timeout);
+    let summary = runner::produce::campaigns(producer, opts, progress).await?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{summary}");
+    }
+    Ok(())
+}
+
 /// jemalloc, and in place of the C library's malloc for the whole process: librdkafka allocates
 /// each record's headers on the thread that produces it and frees them on the thread that
 /// handles its delivery report, a pattern glibc's malloc handles poorly (seen in a profile of
@@ -534,7 +736,7 @@ fn main() -> ExitCode {
     // gone, given up by the producer's watchdog) must not hold the exit up: the drain is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("runner: error: {e:#}");
             ExitCode::FAILURE

@@ -1,6 +1,7 @@
-//! `runner produce …`: generators of input traffic for demos, tests and load runs. A generator
-//! only makes its events (`sales`: the store-revenue pipeline's sales); what every generator
-//! shares is here, written once:
+//! `runner produce …`: generators of input traffic for demos, tests, benchmarks and load runs.
+//! A generator only makes its events (`campaigns`: the campaign pipeline's campaigns, and the
+//! subscribers they fan out to; `sales`: the store-revenue pipeline's sales); what every
+//! generator shares is here, written once:
 //!
 //! - the Kafka producer, made from the runner's own `[kafka]` settings (brokers, SASL, TLS,
 //!   client properties), idempotent, lz4, with a bounded number of events in flight and a
@@ -11,8 +12,10 @@
 //! - the progress line on stderr about once a second (a bar on a terminal, plain lines
 //!   otherwise) and the run's report.
 
+pub mod campaigns;
 pub mod sales;
 
+pub use campaigns::{campaigns, CampaignsOptions, CampaignsSummary};
 pub use sales::{sales, SalesOptions, SalesSummary};
 
 use crate::config::{KafkaConfig, RawConfig, Sources};

@@ -6,5 +6,8 @@
 
 mod brokers;
 mod campaigns;
+mod produce_campaigns;
+mod reconcile;
+mod replay;
 mod startup;
 mod windows;
