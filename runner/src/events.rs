@@ -239,6 +239,9 @@ pub struct Events {
     startup: Mutex<Option<StartupStatus>>,
     /// When a blocked sink was last logged, and the attempts since.
     blocked: Mutex<(Option<std::time::Instant>, u64)>,
+    /// Skip reasons logged at debug, not info: reasons that stand for most messages of a run
+    /// (the dead letters a replay leaves alone).
+    quiet_skips: &'static [&'static str],
 }
 
 impl Default for Events {
@@ -275,6 +278,7 @@ impl Events {
             windows: Mutex::default(),
             startup: Mutex::default(),
             blocked: Mutex::default(),
+            quiet_skips: &[],
         }
     }
 
@@ -520,8 +524,18 @@ impl Events {
         self.received.inc_by(n as u64);
     }
 
+    /// Skips for these reasons are logged at debug (still counted).
+    pub fn with_quiet_skips(mut self, reasons: &'static [&'static str]) -> Events {
+        self.quiet_skips = reasons;
+        self
+    }
+
     pub fn skipped(&self, reason: &'static str, pos: &SourcePos, subject: &str) {
-        tracing::info!(pipeline = %self.pipeline, reason, source = %pos, subject, "Message skipped: it produces no output.");
+        if self.quiet_skips.contains(&reason) {
+            tracing::debug!(pipeline = %self.pipeline, reason, source = %pos, subject, "Message skipped: it produces no output.");
+        } else {
+            tracing::info!(pipeline = %self.pipeline, reason, source = %pos, subject, "Message skipped: it produces no output.");
+        }
         *self
             .skipped
             .lock()

@@ -273,10 +273,13 @@ pub async fn replay(
     let Some(cfg) = config.campaigns.as_ref() else {
         bail!("the campaign pipeline is not enabled in the configuration ([pipelines.campaigns] enabled = false)");
     };
-    let events = Arc::new(Events::new(
-        &crate::metrics::Metrics::new(),
-        "campaigns-replay",
-    ));
+    let events = Arc::new(
+        Events::new(&crate::metrics::Metrics::new(), "campaigns-replay").with_quiet_skips(&[
+            pipeline::NOT_SELECTED,
+            pipeline::ALREADY_REPLAYED,
+            pipeline::AFTER_END,
+        ]),
+    );
     let rules_path = opts.rules.clone().unwrap_or_else(|| cfg.rules.path.clone());
     let rules = crate::pipelines::Rules::<CampaignContract>::load(
         campaigns::NAME,
