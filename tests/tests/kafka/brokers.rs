@@ -183,3 +183,26 @@ impl Lcg {
         lo + (self.0 >> 33) % (hi - lo)
     }
 }
+
+/// Restaurants `00000000-0000-4000-8000-{first + r}` for r in 0..count, each with `per`
+/// subscribers of random client ids; their ids.
+pub(crate) async fn seed_restaurants(
+    db: &TestDb,
+    first: usize,
+    count: usize,
+    per: usize,
+) -> Result<Vec<String>> {
+    let restaurants: Vec<String> = (0..count)
+        .map(|r| format!("00000000-0000-4000-8000-{:012}", first + r))
+        .collect();
+    let c = db.client().await?;
+    for r in &restaurants {
+        c.execute(
+            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) \
+             SELECT gen_random_uuid()::text, $1 FROM generate_series(1, $2::int)",
+            &[r, &(per as i32)],
+        )
+        .await?;
+    }
+    Ok(restaurants)
+}

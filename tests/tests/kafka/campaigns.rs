@@ -47,18 +47,7 @@ impl World {
             .create_topics(&[(&input, partitions), (&output, partitions), (&dlq, 1)])
             .await?;
         let db = TestDb::new().await?.with_schema().await?;
-        let restaurants: Vec<String> = (0..restaurants)
-            .map(|r| format!("00000000-0000-4000-8000-{:012}", 7000 + r))
-            .collect();
-        let c = db.client().await?;
-        for r in &restaurants {
-            c.execute(
-                "INSERT INTO subscribers_restaurants (client_id, restaurant_id) \
-                 SELECT gen_random_uuid()::text, $1 FROM generate_series(1, $2::int)",
-                &[r, &(per_restaurant as i32)],
-            )
-            .await?;
-        }
+        let restaurants = seed_restaurants(&db, 7000, restaurants, per_restaurant).await?;
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("runner.toml");
         let status: std::net::SocketAddr =

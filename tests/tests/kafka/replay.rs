@@ -37,18 +37,7 @@ impl World {
             .create_topics(&[(&input, 1), (&output, 2), (&dlq, 2)])
             .await?;
         let db = TestDb::new().await?.with_schema().await?;
-        let restaurants: Vec<String> = (0..RESTAURANTS)
-            .map(|r| format!("00000000-0000-4000-8000-{:012}", 8000 + r))
-            .collect();
-        let c = db.client().await?;
-        for r in &restaurants {
-            c.execute(
-                "INSERT INTO subscribers_restaurants (client_id, restaurant_id) \
-                 SELECT gen_random_uuid()::text, $1 FROM generate_series(1, $2::int)",
-                &[r, &(PER_RESTAURANT as i32)],
-            )
-            .await?;
-        }
+        let restaurants = seed_restaurants(&db, 8000, RESTAURANTS, PER_RESTAURANT).await?;
         // Dead letters as the pipeline writes them: the raw campaign, the reason, the source.
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &kafka.brokers)
