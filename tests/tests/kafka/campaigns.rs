@@ -118,12 +118,16 @@ impl World {
     /// Produces `n` campaigns (unique ids, spread over the restaurants) in the background, with
     /// a producer that keeps retrying through broker outages.
     fn produce(&self, n: usize, pause: Duration) -> tokio::task::JoinHandle<Result<()>> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "300000")
-            .create()
-            .expect("producer");
+        let brokers = self.kafka.brokers.clone();
+        let make = move || -> FutureProducer {
+            ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("enable.idempotence", "true")
+                .set("message.timeout.ms", "60000")
+                .create()
+                .expect("producer")
+        };
+        let mut producer = make();
         let (topic, restaurants) = (self.input.clone(), self.restaurants.clone());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -138,8 +142,9 @@ impl World {
                     now + 3600,
                 );
                 let key = i.to_string();
-                // Through an outage a send may time out: sent again until it is acknowledged (a
-                // campaign published twice reaches each subscriber once).
+                // Through an outage a send may time out: sent again, by a new producer (an
+                // idempotent producer can stay stuck after the whole cluster restarted), until it
+                // is acknowledged (a campaign published twice reaches each subscriber once).
                 let deadline = Instant::now() + Duration::from_secs(300);
                 loop {
                     let sent = producer
@@ -152,6 +157,7 @@ impl World {
                         Ok(_) => break,
                         Err((e, _)) if Instant::now() < deadline => {
                             eprintln!("producing campaign {i}: {e}; sending it again");
+                            producer = make();
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         Err((e, _)) => return Err(e.into()),
