@@ -36,10 +36,12 @@ transforms: setup
 	@mkdir -p $(WASM_OUT) $(FIXTURES)
 	$(call guest,campaign-rules,,$(CAMPAIGN_WASM))
 	$(call guest,campaign-rules,--features v2,$(FIXTURES)/campaign-rules-v2.wasm)
+	$(call guest,campaign-rules,--no-default-features --features contract-3,$(FIXTURES)/campaign-rules-contract-3.wasm)
 	$(call guest,sales-rules,,$(SALES_WASM))
 	$(call guest,sales-rules,--features v2,$(FIXTURES)/sales-rules-v2.wasm)
 	$(call guest,hostile-rules,,$(FIXTURES)/hostile.wasm)
 	$(call guest,hostile-rules,--features broken,$(FIXTURES)/hostile-broken.wasm)
+	$(call guest,hostile-rules,--features wrong-window,$(FIXTURES)/hostile-wrong-window.wasm)
 	for w in transforms/fixtures/wat/*.wat; do \
 	  cargo run -q -p componentize -- $$w $(FIXTURES)/$$(basename $$w .wat).wasm || exit 1; done
 	head -c 4096 /dev/urandom > $(FIXTURES)/garbage.wasm

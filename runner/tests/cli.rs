@@ -41,7 +41,7 @@ fn rules_check_accepts_the_campaign_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("is accepted as campaign rules: campaign-rules 3.1.0 (sha256:"),
+        stdout.contains("is accepted as campaign rules: campaign-rules 4.0.0 (sha256:"),
         "{stdout}"
     );
 }
@@ -83,7 +83,7 @@ fn rules_check_refuses_each_bad_component_with_its_reason() {
 fn rules_check_accepts_the_v2_build_and_names_it() {
     let out = runner(&["rules", "check", &fixture("campaign-rules-v2.wasm")]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("campaign-rules 3.1.0+v2"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("campaign-rules 4.0.0+v2"));
 }
 
 #[test]

@@ -73,11 +73,31 @@ fn same_major<C: Contract>(version: &str) -> bool {
     major(version) == major(C::VERSION)
 }
 
-/// Checks imports and the exported interface's version before linking, so that a refusal
-/// says what is wrong in the operator's terms rather than the linker's.
+/// Checks the exported interface's version and the imports before linking, so that a refusal
+/// says what is wrong in the operator's terms rather than the linker's. The version comes
+/// first: a component built against another major version of the contract imports that
+/// version's interfaces too, and is refused as of that version, not for its imports.
 fn check_contract<C: Contract>(component: &Component, engine: &Engine) -> Result<(), LoadError> {
     let ty = component.component_type();
     let major = major(C::VERSION);
+    let exported: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
+    let rules = exported
+        .iter()
+        .copied()
+        .find(|n| matches!(interface_name::<C>(n), Some((e, _)) if e == C::EXPORT));
+    if let Some((_, v)) = rules.and_then(interface_name::<C>) {
+        if !same_major::<C>(v) {
+            return Err(LoadError::IncompatibleVersion {
+                found: rules.unwrap_or_default().to_string(),
+                hosts: format!(
+                    "{}/{}@{} (compatible: {major}.x)",
+                    C::PACKAGE,
+                    C::EXPORT,
+                    C::VERSION
+                ),
+            });
+        }
+    }
     for (name, _) in ty.imports(engine) {
         let allowed = matches!(interface_name::<C>(name),
             Some((n, v)) if C::IMPORTS.contains(&n) && same_major::<C>(v));
@@ -89,22 +109,8 @@ fn check_contract<C: Contract>(component: &Component, engine: &Engine) -> Result
             });
         }
     }
-    let exported: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
-    let rules = exported
-        .iter()
-        .copied()
-        .find(|n| matches!(interface_name::<C>(n), Some((e, _)) if e == C::EXPORT));
-    match rules.and_then(interface_name::<C>) {
-        Some((_, v)) if same_major::<C>(v) => Ok(()),
-        Some(_) => Err(LoadError::IncompatibleVersion {
-            found: rules.unwrap_or_default().to_string(),
-            hosts: format!(
-                "{}/{}@{} (compatible: {major}.x)",
-                C::PACKAGE,
-                C::EXPORT,
-                C::VERSION
-            ),
-        }),
+    match rules {
+        Some(_) => Ok(()),
         None => Err(LoadError::WrongWorld {
             world: C::WORLD,
             detail: anyhow::anyhow!(

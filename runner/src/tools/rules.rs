@@ -57,12 +57,13 @@ pub struct BuildArgs {
 /// `runner rules test FILE.wasm --input samples.jsonl`.
 ///
 /// Campaign rules: each input line is a campaign message's value; the output says, per line,
-/// the drafts made for the restaurant's subscribers, `rejected CODE FIELD DETAIL`, `skipped
-/// not_started|expired|no_subscribers`, or `error CODE DETAIL` when the rules trap or time out.
+/// the drafts made for the restaurant's subscribers, `rejected CODE FIELD DETAIL`, `scheduled
+/// OPENS CLOSES` (not started: delivered when its window opens), `skipped
+/// expired|no_subscribers`, or `error CODE DETAIL` when the rules trap or time out.
 /// Sales rules: each input line is a sale's value; the output says, per line, the typed sale or
 /// the rejection. Blank lines are skipped (line numbers count them). With --against, only the
-/// lines whose outcome differs between the two components are printed, and the exit status is
-/// 1 when any line differs.
+/// lines whose outcome (a valid campaign's window included) differs between the two components
+/// are printed, and the exit status is 1 when any line differs.
 #[derive(Debug, Args)]
 pub struct TestArgs {
     /// The component (.wasm).

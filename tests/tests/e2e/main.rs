@@ -2,6 +2,7 @@
 //! cluster, in-process). One binary; every test has its own topics and database.
 
 mod cache;
+mod contract_upgrade;
 mod dead_letters;
 mod delivery;
 mod deploy;

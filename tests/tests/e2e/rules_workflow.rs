@@ -1,8 +1,10 @@
 //! The rules workflow through the real binary: `runner rules new` writes a crate for each kind
 //! that `runner rules build` turns into a component the runner accepts, and `runner rules test`
 //! runs it over the crate's samples; `rules test`'s exact output on SPEC.md's example campaign
-//! and subscriptions, every rejection code, traps and timeouts reported per line, `--against`
-//! with the v2 fixtures, and clear errors for bad inputs.
+//! and subscriptions, every rejection code, a campaign not started yet scheduled with its
+//! window, traps and timeouts reported per line, `--against` with the v2 fixtures and with a
+//! changed rule whose window moves, and clear errors for bad inputs (a component of the old
+//! contract among them).
 
 use e2e_tests::*;
 use std::path::{Path, PathBuf};
@@ -169,7 +171,9 @@ fn new_build_and_test_a_campaign_crate() {
         "line 2: rejected missing_field adv_campaign_id required field `adv_campaign_id` is missing"
             .to_string(),
         "line 3: skipped expired".to_string(),
-        "3 messages: 2 drafts from 1 campaigns, 1 rejected, 1 skipped, 0 errors".to_string(),
+        "line 4: scheduled 1659441601 1659448800".to_string(),
+        "4 messages: 2 drafts from 1 campaigns, 1 rejected, 1 scheduled, 1 skipped, 0 errors"
+            .to_string(),
     ];
     assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), want);
 
@@ -188,9 +192,105 @@ fn new_build_and_test_a_campaign_crate() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).starts_with("0 of 3 messages differ"),
+        stdout(&out).starts_with("0 of 4 messages differ"),
         "{}",
         stdout(&out)
+    );
+
+    // A changed rule: active from the start second itself, its window moved to match. The same
+    // drafts, but every valid campaign's window differs, and `--against` says so.
+    let rules_rs = dir.join("src/rules.rs");
+    let text = std::fs::read_to_string(&rules_rs).unwrap();
+    let changed = text
+        .replace(
+            "if now <= c.adv_campaign_datetime_start {",
+            "if now < c.adv_campaign_datetime_start {",
+        )
+        .replace(
+            "let opens = c.adv_campaign_datetime_start.saturating_add(1);",
+            "let opens = c.adv_campaign_datetime_start;",
+        );
+    assert_ne!(changed, text, "the shipped rules changed: update this test");
+    std::fs::write(&rules_rs, changed).unwrap();
+    succeeded(&runner(&["build", s(&dir)]), "rules build");
+    let out = runner(&[
+        "test",
+        s(&wasm),
+        "--input",
+        s(&dir.join("samples.jsonl")),
+        "--subscribers",
+        s(&dir.join("subscribers.csv")),
+        "--now",
+        SPEC_NOW,
+        "--against",
+        s(&rules_wasm()),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let draft_lines = |sign: &str| {
+        [
+            format!("line 1: {sign} draft {SPEC_DRAFT}"),
+            format!(
+                "line 1: {sign} draft {}",
+                spec_draft("223e4567-e89b-12d3-a456-426614174000")
+            ),
+        ]
+    };
+    let mut want = vec!["line 1: - window 1659203517 2659207116".to_string()];
+    want.extend(draft_lines("-"));
+    want.push("line 1: + window 1659203516 2659207116".into());
+    want.extend(draft_lines("+"));
+    want.extend(
+        [
+            "line 3: - window 1659203517 1659207116",
+            "line 3: - skipped expired",
+            "line 3: + window 1659203516 1659207116",
+            "line 3: + skipped expired",
+            "line 4: - scheduled 1659441601 1659448800",
+            "line 4: + scheduled 1659441600 1659448800",
+        ]
+        .map(String::from),
+    );
+    want.push(format!(
+        "3 of 4 messages differ (- {}, + {})",
+        rules_wasm().display(),
+        wasm.display()
+    ));
+    assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), want);
+    let out = runner(&[
+        "test",
+        s(&wasm),
+        "--input",
+        s(&dir.join("samples.jsonl")),
+        "--subscribers",
+        s(&dir.join("subscribers.csv")),
+        "--now",
+        SPEC_NOW,
+        "--against",
+        s(&rules_wasm()),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", stdout(&out));
+    assert_eq!(lines[0]["old"]["outcome"], "drafts");
+    assert_eq!(
+        lines[0]["old"]["window"],
+        serde_json::json!({"opens": 1659203517, "closes": 2_659_207_116_i64})
+    );
+    assert_eq!(
+        lines[0]["new"]["window"],
+        serde_json::json!({"opens": 1659203516, "closes": 2_659_207_116_i64})
+    );
+    assert_eq!(
+        lines[2],
+        serde_json::json!({
+            "line": 4,
+            "old": {"outcome": "scheduled", "opens": 1659441601, "closes": 1659448800},
+            "new": {"outcome": "scheduled", "opens": 1659441600, "closes": 1659448800},
+        })
     );
 }
 
@@ -262,7 +362,10 @@ fn the_spec_example_gives_one_exact_draft_per_subscriber() {
         .iter()
         .map(|c| format!("line 1: draft {}", spec_draft(c)))
         .collect();
-    want.push("1 messages: 8 drafts from 1 campaigns, 0 rejected, 0 skipped, 0 errors".into());
+    want.push(
+        "1 messages: 8 drafts from 1 campaigns, 0 rejected, 0 scheduled, 0 skipped, 0 errors"
+            .into(),
+    );
     assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), want);
     assert_eq!(want[0], format!("line 1: draft {SPEC_DRAFT}"));
 
@@ -335,11 +438,11 @@ fn rejections_and_skips_come_with_their_codes() {
         "line 4: rejected wrong_type adv_campaign_datetime_start ",
         "line 5: rejected invalid_uuid restaurant_id ",
         "line 6: rejected invalid_interval ",
-        "line 7: skipped not_started",
+        "line 7: scheduled 1759203517 2659207116",
         "line 8: skipped expired",
         "line 9: skipped no_subscribers",
         "line 11: rejected not_utf8 - ",
-        "10 messages: 0 drafts from 0 campaigns, 7 rejected, 3 skipped, 0 errors",
+        "10 messages: 0 drafts from 0 campaigns, 7 rejected, 1 scheduled, 2 skipped, 0 errors",
     ];
     assert_eq!(lines.len(), want.len(), "{text}");
     for (got, want) in lines.iter().zip(want) {
@@ -388,7 +491,7 @@ fn traps_and_timeouts_are_the_outcome_of_their_line() {
     assert_eq!(draft["adv_campaign_content"], "fine");
     assert_eq!(
         lines[3],
-        "3 messages: 1 drafts from 1 campaigns, 0 rejected, 0 skipped, 2 errors"
+        "3 messages: 1 drafts from 1 campaigns, 0 rejected, 0 scheduled, 0 skipped, 2 errors"
     );
 }
 
@@ -563,6 +666,18 @@ fn bad_inputs_give_clear_errors() {
         ],
         "would be refused as campaign rules",
     );
+    // Campaign rules built against the previous contract: refused, both versions named.
+    let old = fixture("campaign-rules-contract-3.wasm");
+    for want in [
+        "would be refused as campaign rules",
+        "fooddelivery:campaign-rules/rules@3.0.0",
+        "fooddelivery:campaign-rules/rules@4.0.0",
+    ] {
+        fails(
+            &["test", s(&old), "--kind", "campaign", "--input", s(&good)],
+            want,
+        );
+    }
     fails(
         &["new", "9lives", "--kind", "campaign"],
         "is not a usable crate name",
@@ -598,8 +713,33 @@ fn build_failures_say_why() {
         stderr(&out)
     );
 
-    // Rules that do not compile: cargo's errors, then which build failed.
+    // Rules whose window disagrees with their activity: built, then refused, saying why.
     let rules = dir.join("src/rules.rs");
+    let shipped = std::fs::read_to_string(&rules).unwrap();
+    let wrong = shipped.replace(
+        "let opens = c.adv_campaign_datetime_start.saturating_add(1);",
+        "let opens = c.adv_campaign_datetime_start;",
+    );
+    assert_ne!(
+        wrong, shipped,
+        "the shipped rules changed: update this test"
+    );
+    std::fs::write(&rules, wrong).unwrap();
+    let out = runner(&["build", s(&dir)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("was built but would be refused")
+            && err.contains(
+                "window (opens 1659203516, closes 2659207116) disagrees with their activity"
+            )
+            && err.contains("at 1659203516 validate says"),
+        "{err}"
+    );
+    std::fs::write(&rules, shipped).unwrap();
+    std::fs::remove_file(dir.join("broken.wasm")).expect("built, then refused");
+
+    // Rules that do not compile: cargo's errors, then which build failed.
     let mut text = std::fs::read_to_string(&rules).unwrap();
     text.push_str("\nfn broken() -> u32 { \"not a number\" }\n");
     std::fs::write(&rules, text).unwrap();

@@ -4,6 +4,12 @@
 
 pub mod rules;
 
+// The same rules built against the previous contract (3.0.0, no window): a fixture the runner
+// must refuse. Built alone: `--no-default-features --features contract-3`.
+#[cfg(all(target_arch = "wasm32", feature = "contract-3"))]
+#[path = "../../fixtures/contract-3/glue.rs"]
+mod contract_3;
+
 // wit-bindgen's generated export glue is `unsafe` by nature (raw ABI pointers).
 #[cfg(all(target_arch = "wasm32", feature = "component"))]
 #[allow(unsafe_code)]
@@ -18,7 +24,7 @@ mod component {
     use exports::fooddelivery::campaign_rules::rules::Guest;
     use fooddelivery::campaign_rules::host_log::{log, Level};
     use fooddelivery::campaign_rules::types::{
-        Activity, Campaign, Drafts, Rejection, RejectionCode, Verdict,
+        Activity, Campaign, Drafts, Rejection, RejectionCode, Verdict, Window,
     };
 
     /// The version this component reports; the runner logs it and stamps it on every output.
@@ -96,9 +102,14 @@ mod component {
                         rules::Activity::NotStarted => Activity::NotStarted,
                         rules::Activity::Expired => Activity::Expired,
                     };
+                    let window = rules::window(&c);
                     Ok(Verdict {
                         campaign: c.into(),
                         activity,
+                        window: Window {
+                            opens: window.opens,
+                            closes: window.closes,
+                        },
                     })
                 }
                 Err(r) => Err(Rejection {

@@ -64,6 +64,24 @@ pub fn activity(c: &Campaign, now: i64) -> Activity {
     }
 }
 
+/// When a campaign may be delivered, in unix seconds: `opens` is the first instant at which
+/// [`activity`] says active, `closes` the first at or after `opens` at which it says expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub opens: i64,
+    pub closes: i64,
+}
+
+/// The window of the "active now" rule: active is start < now < end in whole seconds, so it
+/// opens one second after the start and closes at the end (never before it opens).
+pub fn window(c: &Campaign) -> Window {
+    let opens = c.adv_campaign_datetime_start.saturating_add(1);
+    Window {
+        opens,
+        closes: c.adv_campaign_datetime_end.max(opens),
+    }
+}
+
 /// Validates one raw payload: UTF-8, a JSON object, every field present with its type, ids
 /// that are hyphenated UUIDs, start strictly before end. Unknown extra fields are ignored.
 pub fn validate(payload: &[u8]) -> Result<Campaign, Rejection> {
@@ -446,6 +464,47 @@ mod tests {
             ends.push(bytes.len() as u32);
         }
         shape(c, bytes, ends, now)
+    }
+
+    #[test]
+    fn the_window_agrees_with_the_activity() {
+        let at = |start: i64, end: i64| Campaign {
+            adv_campaign_datetime_start: start,
+            adv_campaign_datetime_end: end,
+            ..campaign()
+        };
+        for (start, end) in [
+            (1000, 2000),
+            (1000, 1002),
+            (-5, 5),
+            (i64::MIN, i64::MAX),
+            (i64::MAX - 2, i64::MAX),
+        ] {
+            let c = at(start, end);
+            let w = window(&c);
+            assert_eq!(
+                w,
+                Window {
+                    opens: start + 1,
+                    closes: end
+                }
+            );
+            assert_eq!(activity(&c, w.opens - 1), Activity::NotStarted, "{w:?}");
+            assert_eq!(activity(&c, w.opens), Activity::Active, "{w:?}");
+            assert_eq!(activity(&c, w.closes - 1), Activity::Active, "{w:?}");
+            assert_eq!(activity(&c, w.closes), Activity::Expired, "{w:?}");
+        }
+        // A one-second campaign has no whole second inside: an empty window.
+        let c = at(1000, 1001);
+        let w = window(&c);
+        assert_eq!(
+            w,
+            Window {
+                opens: 1001,
+                closes: 1001
+            }
+        );
+        assert_eq!(activity(&c, w.opens), Activity::Expired);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The campaign rules, tested as shipped: the compiled component runs under wasmtime through
-//! the runner's own host bindings and sandbox. Covers every rejection code, the time boundaries
-//! and the exact output of SPEC.md's example.
+//! the runner's own host bindings and sandbox. Covers every rejection code, the time boundaries,
+//! the delivery window and the exact output of SPEC.md's example.
 
 use runner::pipelines::campaigns::contract::{
     Activity, Campaign, CampaignInstance as RulesInstance, LoadedRules, RejectionCode, RulesEngine,
+    Window,
 };
 use runner::sandbox::SandboxLimits;
 use std::path::PathBuf;
@@ -337,6 +338,55 @@ fn active_only_strictly_between_start_and_end() {
         Activity::NotStarted,
         "one-second campaign, no integer inside"
     );
+}
+
+fn verdict_at(start: i64, end: i64, now: i64) -> (Activity, Window) {
+    let p = with_field("adv_campaign_datetime_start", start.into());
+    let mut v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+    v["adv_campaign_datetime_end"] = end.into();
+    let p = serde_json::to_vec(&v).unwrap();
+    let v = instance()
+        .validate(&p, now)
+        .expect("no trap")
+        .expect("valid");
+    (v.activity, v.window)
+}
+
+#[test]
+fn the_spec_example_opens_a_second_after_its_start_and_closes_at_its_end() {
+    let v = instance()
+        .validate(SPEC_CAMPAIGN.as_bytes(), SPEC_NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        v.window,
+        Window {
+            opens: START + 1,
+            closes: END
+        }
+    );
+}
+
+#[test]
+fn the_window_agrees_with_the_activity() {
+    for (s, e) in [(START, END), (1000, 2000), (1000, 1002), (-10, 10)] {
+        let (_, w) = verdict_at(s, e, SPEC_NOW);
+        assert_eq!((w.opens, w.closes), (s + 1, e));
+        for (now, want) in [
+            (w.opens - 1, Activity::NotStarted),
+            (w.opens, Activity::Active),
+            (w.closes - 1, Activity::Active),
+            (w.closes, Activity::Expired),
+        ] {
+            let (activity, window) = verdict_at(s, e, now);
+            assert_eq!(activity, want, "start {s}, end {e}, now {now}");
+            assert_eq!(window, w, "the window does not depend on now");
+        }
+    }
+    // A one-second campaign is never active: its window is empty.
+    let (_, w) = verdict_at(1000, 1001, 0);
+    assert_eq!((w.opens, w.closes), (1001, 1001));
+    assert_eq!(verdict_at(1000, 1001, w.opens).0, Activity::Expired);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::sandbox::{CallError, Contract, Evaluator, GuestLog, RulesInstance, St
 use generated::fooddelivery::campaign_rules::host_log::{Host as HostLog, Level as LogLevel};
 use generated::fooddelivery::campaign_rules::types::Host as HostTypes;
 pub use generated::fooddelivery::campaign_rules::types::{
-    Activity, Campaign, Drafts as TemplateDrafts, Rejection, RejectionCode, Verdict,
+    Activity, Campaign, Drafts as TemplateDrafts, Rejection, RejectionCode, Verdict, Window,
 };
 use generated::{CampaignRules, CampaignRulesPre};
 use wasmtime::component::{HasSelf, InstancePre, Linker};
@@ -23,7 +23,7 @@ use wasmtime::Store;
 
 /// The WIT package and version this runner was built against.
 pub const WIT_PACKAGE: &str = "fooddelivery:campaign-rules";
-pub const WIT_VERSION: &str = "3.0.0";
+pub const WIT_VERSION: &str = "4.0.0";
 
 /// The `campaign-rules` world, as the sandbox hosts it.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,17 @@ impl RejectionCode {
             RejectionCode::WrongType => "wrong_type",
             RejectionCode::InvalidUuid => "invalid_uuid",
             RejectionCode::InvalidInterval => "invalid_interval",
+        }
+    }
+}
+
+impl Activity {
+    /// The WIT's name of the case.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Activity::Active => "active",
+            Activity::NotStarted => "not-started",
+            Activity::Expired => "expired",
         }
     }
 }
@@ -94,11 +105,11 @@ impl Contract for CampaignContract {
         b.fooddelivery_campaign_rules_rules().call_version(store)
     }
 
-    /// The SPEC example must validate as active and shape one exact draft.
+    /// The SPEC example must validate as active, with a window that agrees with its activity,
+    /// and shape one exact draft.
     fn smoke(instance: &mut CampaignInstance) -> Result<(), String> {
-        const EXAMPLE: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000","adv_campaign_id": "123e4567-e89b-12d3-a456-426614174003","adv_campaign_content": "first campaign","adv_campaign_owner": "Ivanov Ivan Ivanovich","adv_campaign_owner_contact": "iiivanov@restaurant.ru","adv_campaign_datetime_start": 1659203516,"adv_campaign_datetime_end": 2659207116,"datetime_created": 1659131516}"#;
-        let now = 1_659_304_828;
-        let verdict = match instance.validate(EXAMPLE.as_bytes(), now) {
+        let now = SMOKE_NOW;
+        let verdict = match instance.validate(SMOKE_EXAMPLE.as_bytes(), now) {
             Ok(Ok(v)) => v,
             Ok(Err(r)) => return Err(format!("the SPEC example was rejected: {}", r.detail)),
             Err(e) => return Err(format!("validate failed on the SPEC example: {e}")),
@@ -109,6 +120,7 @@ impl Contract for CampaignContract {
                 verdict.activity
             ));
         }
+        check_window(instance, &verdict.window)?;
         let client = "023e4567-e89b-12d3-a456-426614174000";
         let drafts = instance
             .shape(&verdict.campaign, &[client], now)
@@ -123,6 +135,56 @@ impl Contract for CampaignContract {
         }
         Ok(())
     }
+}
+
+/// SPEC.md's example campaign, and an instant at which it is active.
+const SMOKE_EXAMPLE: &str = r#"{"restaurant_id": "123e4567-e89b-12d3-a456-426614174000","adv_campaign_id": "123e4567-e89b-12d3-a456-426614174003","adv_campaign_content": "first campaign","adv_campaign_owner": "Ivanov Ivan Ivanovich","adv_campaign_owner_contact": "iiivanov@restaurant.ru","adv_campaign_datetime_start": 1659203516,"adv_campaign_datetime_end": 2659207116,"datetime_created": 1659131516}"#;
+const SMOKE_NOW: i64 = 1_659_304_828;
+
+/// The host schedules deliveries by the window and decides each one by the activity: the two
+/// must agree. On the SPEC example (active at [`SMOKE_NOW`]): the window contains that instant,
+/// `validate` says not-started at `opens - 1`, active at `opens` and expired at `closes`.
+fn check_window(instance: &mut CampaignInstance, window: &Window) -> Result<(), String> {
+    let (opens, closes) = (window.opens, window.closes);
+    let disagree = |what: String| {
+        Err(format!(
+            "the rules' window (opens {opens}, closes {closes}) disagrees with their activity \
+             on the SPEC example: {what}"
+        ))
+    };
+    if !(opens <= SMOKE_NOW && SMOKE_NOW < closes) {
+        return disagree(format!("it is active at {SMOKE_NOW}, outside the window"));
+    }
+    for (now, want) in [
+        (opens.saturating_sub(1), Activity::NotStarted),
+        (opens, Activity::Active),
+        (closes, Activity::Expired),
+    ] {
+        let verdict = match instance.validate(SMOKE_EXAMPLE.as_bytes(), now) {
+            Ok(Ok(v)) => v,
+            Ok(Err(r)) => {
+                return Err(format!(
+                    "the SPEC example was rejected at {now}: {}",
+                    r.detail
+                ))
+            }
+            Err(e) => return Err(format!("validate failed on the SPEC example at {now}: {e}")),
+        };
+        if verdict.activity != want {
+            return disagree(format!(
+                "at {now} validate says {}, not {}",
+                verdict.activity.as_str(),
+                want.as_str()
+            ));
+        }
+        if verdict.window != *window {
+            return disagree(format!(
+                "at {now} validate gives another window (opens {}, closes {})",
+                verdict.window.opens, verdict.window.closes
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl RulesInstance<CampaignContract> {

@@ -1,8 +1,8 @@
 //! `runner rules test`: runs a component offline over sample messages, as its pipeline would
 //! call it, and prints each input line's outcome; with `--against`, the lines whose outcome
-//! differs between two versions. Rejections are outcomes; a trap, timeout or memory overrun of
-//! the rules is the outcome of its line too (`error CODE DETAIL`), never the end of the run: a
-//! fresh instance serves the next line.
+//! (or, for a valid campaign, its delivery window) differs between two versions. Rejections are
+//! outcomes; a trap, timeout or memory overrun of the rules is the outcome of its line too
+//! (`error CODE DETAIL`), never the end of the run: a fresh instance serves the next line.
 
 use super::load::{load, Loaded};
 use super::{Kind, TestArgs};
@@ -20,18 +20,41 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
+/// A valid campaign's delivery window, as its rules give it (unix seconds): active from `opens`,
+/// expired from `closes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Window {
+    pub opens: i64,
+    pub closes: i64,
+}
+
+impl Window {
+    fn json(&self) -> serde_json::Value {
+        json!({"opens": self.opens, "closes": self.closes})
+    }
+}
+
 /// What the rules made of one input line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Outcome {
     /// An active campaign's drafts: (client id, the exact value for the drafts topic).
-    Drafts(Vec<(String, String)>),
+    Drafts {
+        window: Window,
+        drafts: Vec<(String, String)>,
+    },
     Rejected {
         code: &'static str,
         field: Option<String>,
         detail: String,
     },
-    /// A valid campaign that makes no drafts: `not_started`, `expired` or `no_subscribers`.
-    Skipped(&'static str),
+    /// A valid campaign whose window has not opened: the pipeline keeps it and delivers it to
+    /// the restaurant's subscribers at `opens` (the pipeline's skip reason `scheduled`).
+    Scheduled(Window),
+    /// A valid campaign that makes no drafts: `expired` or `no_subscribers`.
+    Skipped {
+        reason: &'static str,
+        window: Window,
+    },
     Sale {
         store: String,
         amount_minor: i64,
@@ -49,10 +72,22 @@ impl Outcome {
         }
     }
 
+    /// A valid campaign's window.
+    fn window(&self) -> Option<Window> {
+        match self {
+            Outcome::Drafts { window, .. }
+            | Outcome::Scheduled(window)
+            | Outcome::Skipped { window, .. } => Some(*window),
+            _ => None,
+        }
+    }
+
     /// The outcome as text lines (an active campaign has one line per draft).
     pub(super) fn text(&self) -> Vec<String> {
         match self {
-            Outcome::Drafts(drafts) => drafts.iter().map(|(_, d)| format!("draft {d}")).collect(),
+            Outcome::Drafts { drafts, .. } => {
+                drafts.iter().map(|(_, d)| format!("draft {d}")).collect()
+            }
             Outcome::Rejected {
                 code,
                 field,
@@ -61,7 +96,8 @@ impl Outcome {
                 "rejected {code} {} {detail}",
                 field.as_deref().unwrap_or("-")
             )],
-            Outcome::Skipped(reason) => vec![format!("skipped {reason}")],
+            Outcome::Scheduled(w) => vec![format!("scheduled {} {}", w.opens, w.closes)],
+            Outcome::Skipped { reason, .. } => vec![format!("skipped {reason}")],
             Outcome::Sale {
                 store,
                 amount_minor,
@@ -77,8 +113,9 @@ impl Outcome {
         }
     }
 
-    /// Whether two versions did the same with a line. Errors compare by code: a trap's detail
-    /// carries code offsets that differ between any two builds.
+    /// Whether two versions did the same with a line, a valid campaign's window included.
+    /// Errors compare by code: a trap's detail carries code offsets that differ between any
+    /// two builds.
     pub(super) fn same(&self, other: &Outcome) -> bool {
         match (self, other) {
             (Outcome::Error { code: a, .. }, Outcome::Error { code: b, .. }) => a == b,
@@ -88,7 +125,7 @@ impl Outcome {
 
     pub(super) fn json(&self) -> serde_json::Value {
         match self {
-            Outcome::Drafts(drafts) => json!({
+            Outcome::Drafts { drafts, .. } => json!({
                 "outcome": "drafts",
                 "drafts": drafts
                     .iter()
@@ -100,7 +137,10 @@ impl Outcome {
                 field,
                 detail,
             } => json!({"outcome": "rejected", "code": code, "field": field, "detail": detail}),
-            Outcome::Skipped(reason) => json!({"outcome": "skipped", "reason": reason}),
+            Outcome::Scheduled(w) => {
+                json!({"outcome": "scheduled", "opens": w.opens, "closes": w.closes})
+            }
+            Outcome::Skipped { reason, .. } => json!({"outcome": "skipped", "reason": reason}),
             Outcome::Sale {
                 store,
                 amount_minor,
@@ -176,7 +216,7 @@ pub(super) fn read_subscribers(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 /// Campaign rules over samples: validate at `now`, then shape for the restaurant's subscribers
-/// when active, as the pipeline does.
+/// when active, as the pipeline does when a campaign is published.
 struct CampaignRun<'a> {
     rules: &'a CampaignRules,
     instance: Option<CampaignInstance>,
@@ -202,32 +242,45 @@ impl CampaignRun<'_> {
                 field: r.field,
                 detail: r.detail,
             },
-            Ok(Ok(v)) => match v.activity {
-                Activity::NotStarted => Outcome::Skipped("not_started"),
-                Activity::Expired => Outcome::Skipped("expired"),
-                Activity::Active => {
-                    self.subscribers
-                        .clients_into(&v.campaign.restaurant_id, &mut self.clients);
-                    if self.clients.is_empty() {
-                        Outcome::Skipped("no_subscribers")
-                    } else {
-                        match instance.shape(&v.campaign, &self.clients, self.now) {
-                            Err(e) => return Outcome::from_call(e),
-                            Ok(drafts) => Outcome::Drafts(
-                                drafts
-                                    .iter()
-                                    .map(|d| {
-                                        (
-                                            d.client_id.to_string(),
-                                            String::from_utf8_lossy(d.payload).into_owned(),
-                                        )
-                                    })
-                                    .collect(),
-                            ),
+            Ok(Ok(v)) => {
+                let window = Window {
+                    opens: v.window.opens,
+                    closes: v.window.closes,
+                };
+                match v.activity {
+                    Activity::NotStarted => Outcome::Scheduled(window),
+                    Activity::Expired => Outcome::Skipped {
+                        reason: "expired",
+                        window,
+                    },
+                    Activity::Active => {
+                        self.subscribers
+                            .clients_into(&v.campaign.restaurant_id, &mut self.clients);
+                        if self.clients.is_empty() {
+                            Outcome::Skipped {
+                                reason: "no_subscribers",
+                                window,
+                            }
+                        } else {
+                            match instance.shape(&v.campaign, &self.clients, self.now) {
+                                Err(e) => return Outcome::from_call(e),
+                                Ok(drafts) => Outcome::Drafts {
+                                    window,
+                                    drafts: drafts
+                                        .iter()
+                                        .map(|d| {
+                                            (
+                                                d.client_id.to_string(),
+                                                String::from_utf8_lossy(d.payload).into_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                },
+                            }
                         }
                     }
                 }
-            },
+            }
         };
         self.instance = Some(instance);
         outcome
@@ -310,17 +363,18 @@ fn unix_now() -> Result<i64> {
 
 /// Counts for the summary line.
 fn summary(kind: Kind, outcomes: &[Outcome]) -> String {
-    let (mut drafts, mut campaigns, mut sales, mut rejected, mut skipped, mut errors) =
-        (0, 0, 0, 0, 0, 0);
+    let (mut drafts, mut campaigns, mut sales, mut rejected) = (0, 0, 0, 0);
+    let (mut scheduled, mut skipped, mut errors) = (0, 0, 0);
     for o in outcomes {
         match o {
-            Outcome::Drafts(d) => {
+            Outcome::Drafts { drafts: d, .. } => {
                 campaigns += 1;
                 drafts += d.len();
             }
             Outcome::Sale { .. } => sales += 1,
             Outcome::Rejected { .. } => rejected += 1,
-            Outcome::Skipped(_) => skipped += 1,
+            Outcome::Scheduled(_) => scheduled += 1,
+            Outcome::Skipped { .. } => skipped += 1,
             Outcome::Error { .. } => errors += 1,
         }
     }
@@ -328,7 +382,7 @@ fn summary(kind: Kind, outcomes: &[Outcome]) -> String {
     match kind {
         Kind::Campaign => format!(
             "{n} messages: {drafts} drafts from {campaigns} campaigns, {rejected} rejected, \
-             {skipped} skipped, {errors} errors"
+             {scheduled} scheduled, {skipped} skipped, {errors} errors"
         ),
         Kind::Sales => format!("{n} messages: {sales} sales, {rejected} rejected, {errors} errors"),
     }
@@ -406,18 +460,33 @@ pub(super) fn run(args: TestArgs) -> Result<ExitCode> {
             continue;
         }
         differ += 1;
+        // A window that differs is shown with each side's outcome (a scheduled one shows it
+        // anyway).
+        let windows_differ = o.window() != n.window();
+        let window = |x: &Outcome| match x.window() {
+            Some(w) if windows_differ && !matches!(x, Outcome::Scheduled(_)) => Some(w),
+            _ => None,
+        };
         if args.json {
-            writeln!(
-                out,
-                "{}",
-                json!({"line": s.line, "old": o.json(), "new": n.json()})
-            )?;
-        } else {
-            for l in o.text() {
-                writeln!(out, "line {}: - {l}", s.line)?;
+            let (mut old, mut new) = (o.json(), n.json());
+            for (v, x) in [(&mut old, o), (&mut new, n)] {
+                if let Some(w) = window(x) {
+                    v["window"] = w.json();
+                }
             }
-            for l in n.text() {
-                writeln!(out, "line {}: + {l}", s.line)?;
+            writeln!(out, "{}", json!({"line": s.line, "old": old, "new": new}))?;
+        } else {
+            for (sign, x) in [("-", o), ("+", n)] {
+                if let Some(w) = window(x) {
+                    writeln!(
+                        out,
+                        "line {}: {sign} window {} {}",
+                        s.line, w.opens, w.closes
+                    )?;
+                }
+                for l in x.text() {
+                    writeln!(out, "line {}: {sign} {l}", s.line)?;
+                }
             }
         }
     }
@@ -504,6 +573,15 @@ mod tests {
         assert!(read_subscribers(&f.0).is_err());
     }
 
+    const WINDOW: Window = Window {
+        opens: 1001,
+        closes: 2000,
+    };
+
+    fn skipped(reason: &'static str, window: Window) -> Outcome {
+        Outcome::Skipped { reason, window }
+    }
+
     #[test]
     fn errors_compare_by_code_only() {
         let trap = |d: &str| Outcome::Error {
@@ -511,7 +589,41 @@ mod tests {
             detail: d.into(),
         };
         assert!(trap("at 0x10").same(&trap("at 0x20")));
-        assert!(!trap("x").same(&Outcome::Skipped("expired")));
-        assert!(!Outcome::Skipped("expired").same(&Outcome::Skipped("not_started")));
+        assert!(!trap("x").same(&skipped("expired", WINDOW)));
+        assert!(!skipped("expired", WINDOW).same(&skipped("no_subscribers", WINDOW)));
+    }
+
+    #[test]
+    fn a_valid_campaign_compares_with_its_window() {
+        let later = Window {
+            opens: 1002,
+            ..WINDOW
+        };
+        assert!(Outcome::Scheduled(WINDOW).same(&Outcome::Scheduled(WINDOW)));
+        assert!(!Outcome::Scheduled(WINDOW).same(&Outcome::Scheduled(later)));
+        assert!(!skipped("expired", WINDOW).same(&skipped("expired", later)));
+        let drafts = |window| Outcome::Drafts {
+            window,
+            drafts: vec![("c".into(), "{}".into())],
+        };
+        assert!(drafts(WINDOW).same(&drafts(WINDOW)));
+        assert!(!drafts(WINDOW).same(&drafts(later)));
+        // What an active campaign prints does not change with its window.
+        assert_eq!(drafts(WINDOW).text(), drafts(later).text());
+        assert_eq!(drafts(WINDOW).json(), drafts(later).json());
+    }
+
+    #[test]
+    fn a_campaign_not_yet_open_is_scheduled_with_its_window() {
+        let o = Outcome::Scheduled(WINDOW);
+        assert_eq!(o.text(), ["scheduled 1001 2000"]);
+        assert_eq!(
+            o.json(),
+            json!({"outcome": "scheduled", "opens": 1001, "closes": 2000})
+        );
+        assert_eq!(
+            summary(Kind::Campaign, &[o, skipped("expired", WINDOW)]),
+            "2 messages: 0 drafts from 0 campaigns, 0 rejected, 1 scheduled, 1 skipped, 0 errors"
+        );
     }
 }

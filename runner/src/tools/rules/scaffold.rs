@@ -15,6 +15,16 @@ const MANIFEST_TEMPLATE: &str = include_str!("template/Cargo.toml.in");
 const README_TEMPLATE: &str = include_str!("template/README.md.in");
 const GITIGNORE: &str = include_str!("template/gitignore");
 
+/// The shipped campaign `lib.rs`'s module for the old-contract fixture
+/// (`transforms/fixtures/contract-3`).
+const CAMPAIGN_CONTRACT_3: &str = r#"
+// The same rules built against the previous contract (3.0.0, no window): a fixture the runner
+// must refuse. Built alone: `--no-default-features --features contract-3`.
+#[cfg(all(target_arch = "wasm32", feature = "contract-3"))]
+#[path = "../../fixtures/contract-3/glue.rs"]
+mod contract_3;
+"#;
+
 /// The shipped guest a kind's crate starts from.
 struct Guest {
     /// The shipped guest's manifest.
@@ -27,6 +37,10 @@ struct Guest {
     wit_path: &'static str,
     /// How the shipped `lib.rs` starts its version string.
     version_prefix: &'static str,
+    /// What the shipped `lib.rs` and manifest hold for the repository's own test fixtures
+    /// (a module in `lib.rs`, a feature), left out of a standalone crate.
+    fixture_module: Option<&'static str>,
+    fixture_feature: Option<&'static str>,
     test: &'static str,
     samples: &'static str,
     subscribers: Option<&'static str>,
@@ -44,6 +58,8 @@ fn guest(kind: Kind) -> Guest {
             wit: include_str!("../../../../wit/campaign/campaign-rules.wit"),
             wit_path: r#"path: "../../wit/campaign","#,
             version_prefix: r#"concat!("campaign-rules ", "#,
+            fixture_module: Some(CAMPAIGN_CONTRACT_3),
+            fixture_feature: Some("contract-3"),
             test: include_str!("template/campaign_component_test.rs"),
             samples: include_str!("template/samples-campaign.jsonl"),
             subscribers: Some(include_str!("template/subscribers.csv")),
@@ -57,6 +73,8 @@ fn guest(kind: Kind) -> Guest {
             wit: include_str!("../../../../wit/sales/sales-rules.wit"),
             wit_path: r#"path: "../../wit/sales","#,
             version_prefix: r#"concat!("sales-rules ", "#,
+            fixture_module: None,
+            fixture_feature: None,
             test: include_str!("template/sales_component_test.rs"),
             samples: include_str!("template/samples-sales.jsonl"),
             subscribers: None,
@@ -90,7 +108,11 @@ fn patch(text: &str, from: &str, to: &str, file: &str) -> Result<String> {
 
 /// The shipped `lib.rs`, pointed at the crate's own `wit/` and reporting the crate's name.
 fn lib_rs(g: &Guest) -> Result<String> {
-    let lib = patch(g.lib, g.wit_path, r#"path: "wit","#, "src/lib.rs")?;
+    let lib = match g.fixture_module {
+        Some(module) => patch(g.lib, module, "", "src/lib.rs")?,
+        None => g.lib.to_string(),
+    };
+    let lib = patch(&lib, g.wit_path, r#"path: "wit","#, "src/lib.rs")?;
     let lib = patch(
         &lib,
         g.version_prefix,
@@ -205,6 +227,14 @@ fn manifest(name: &str, kind: Kind, g: &Guest) -> Result<String> {
             .map(|v| v.to_string())
             .with_context(|| format!("the workspace has no package.{k}"))
     };
+    let mut features = table(&guest, &["features"])?.clone();
+    if let Some(f) = g.fixture_feature {
+        if features.remove(f).is_none() {
+            bail!(
+                "the shipped manifest no longer has the feature {f}: the template must be updated"
+            );
+        }
+    }
     let deps = resolve_all(table(&guest, &["dependencies"])?, ws_deps)?;
     let wasm_deps = resolve_all(
         table(
@@ -244,7 +274,7 @@ fn manifest(name: &str, kind: Kind, g: &Guest) -> Result<String> {
         .replace("{kind}", kind.as_str())
         .replace("{edition}", &field("edition")?)
         .replace("{rust_version}", &field("rust-version")?)
-        .replace("{features}", &lines(table(&guest, &["features"])?))
+        .replace("{features}", &lines(&features))
         .replace("{dependencies}", &lines(&deps))
         .replace("{wasm_dependencies}", &lines(&wasm_deps))
         .replace("{dev_dependencies}", &lines(&dev))
@@ -356,11 +386,14 @@ mod tests {
             let lib = get("src/lib.rs");
             assert!(lib.contains(r#"path: "wit","#), "{lib}");
             assert!(!lib.contains("../../wit"));
+            assert!(!lib.contains("fixtures"), "no test fixture: {lib}");
             assert!(
                 lib.contains(r#"concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_VERSION"))"#)
             );
             let manifest: toml::Table = toml::from_str(get("Cargo.toml")).unwrap();
             assert_eq!(manifest["package"]["name"].as_str(), Some("my-rules"));
+            assert!(manifest["features"].get("contract-3").is_none());
+            assert!(manifest["features"].get("default").is_some());
             assert!(manifest["workspace"].as_table().unwrap().is_empty());
             let manifest_text = get("Cargo.toml");
             assert!(

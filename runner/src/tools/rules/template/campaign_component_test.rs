@@ -89,6 +89,34 @@ fn the_spec_example_shapes_one_draft_per_subscriber() {
     assert_eq!(draft["trigger_datetime_created"], NOW);
 }
 
+/// The runner delivers a campaign published before its start once its window opens, and
+/// refuses rules whose window disagrees with what `validate` says.
+#[test]
+fn the_window_agrees_with_the_activity() {
+    let (mut store, rules) = rules();
+    let r = rules.fooddelivery_campaign_rules_rules();
+    let mut activity = |now: i64| {
+        r.call_validate(&mut store, SPEC_CAMPAIGN.as_bytes(), now)
+            .expect("no trap")
+            .expect("the SPEC example is valid")
+    };
+    let window = activity(NOW).window;
+    assert!(window.opens <= NOW && NOW < window.closes);
+    assert!(matches!(
+        activity(window.opens - 1).activity,
+        Activity::NotStarted
+    ));
+    assert!(matches!(activity(window.opens).activity, Activity::Active));
+    assert!(matches!(
+        activity(window.closes - 1).activity,
+        Activity::Active
+    ));
+    assert!(matches!(
+        activity(window.closes).activity,
+        Activity::Expired
+    ));
+}
+
 #[test]
 fn a_missing_field_is_rejected_with_its_name() {
     let payload = SPEC_CAMPAIGN.replace(
