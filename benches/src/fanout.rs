@@ -20,6 +20,7 @@ use runner::events::{Events, SourcePos};
 use runner::pipelines::campaigns::contract::Campaign;
 use runner::pipelines::campaigns::drafts::Drafts;
 use runner::pipelines::campaigns::feedback::COLUMN_TYPES;
+use runner::pipelines::campaigns::schedule::{Cause, Entry, RegistryOp};
 use runner::pipelines::campaigns::CampaignDelivery;
 use runner::produce::campaigns::{
     client_id, seed_subscribers, CampaignGenerator, DEFAULT_SEED_BATCH,
@@ -221,6 +222,20 @@ async fn pg_protocol(
                     drafts: d.clone(),
                     trigger: NOW as i32,
                     snapshot: 1,
+                    cause: Cause::Published,
+                    // The registry row each publication writes in the same transaction.
+                    registry: Some(RegistryOp::Keep(Entry {
+                        adv_campaign_id: d.campaign.adv_campaign_id.clone(),
+                        restaurant_id: d.campaign.restaurant_id.clone(),
+                        topic: "bench".into(),
+                        partition: 0,
+                        source_offset: offset,
+                        key: None,
+                        payload: vec![b'x'; 400],
+                        opens: d.campaign.adv_campaign_datetime_start + 1,
+                        closes: d.campaign.adv_campaign_datetime_end,
+                        started: true,
+                    })),
                 }),
             });
         }

@@ -109,6 +109,9 @@ pub struct Stats {
     /// Event-time windows (the store-revenue pipeline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub windows: Option<WindowStats>,
+    /// Campaigns kept for their start and deliveries by cause (the campaign pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleStats>,
     /// While the pipeline starts: what it waits for (None once it consumes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub startup: Option<StartupStatus>,
@@ -125,6 +128,21 @@ pub struct StartupStatus {
     pub causes: Vec<&'static str>,
     /// The same in sentences, naming the brokers, the topic or the host.
     pub details: Vec<String>,
+}
+
+/// The campaign pipeline's registry of campaigns not over yet, as this runner sees it (the
+/// partitions it holds), and what it delivered by cause.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ScheduleStats {
+    /// Campaigns published before their start and not delivered yet.
+    pub scheduled: u64,
+    /// The earliest window opening among them (unix seconds).
+    pub next_start: Option<i64>,
+    /// Drafts made durable in both sinks, by cause: `published`, `scheduled_start`,
+    /// `new_subscriber`.
+    pub deliveries: BTreeMap<&'static str, u64>,
+    /// Trigger records this runner produced, by cause.
+    pub triggers: BTreeMap<&'static str, u64>,
 }
 
 /// The store-revenue pipeline's windows, as this runner sees them.
@@ -236,6 +254,7 @@ pub struct Events {
     running: AtomicBool,
     rules: Mutex<RulesStatus>,
     windows: Mutex<Option<WindowStats>>,
+    schedule: Mutex<Option<ScheduleStats>>,
     startup: Mutex<Option<StartupStatus>>,
     /// When a blocked sink was last logged, and the attempts since.
     blocked: Mutex<(Option<std::time::Instant>, u64)>,
@@ -276,6 +295,7 @@ impl Events {
             running: AtomicBool::new(false),
             rules: Mutex::default(),
             windows: Mutex::default(),
+            schedule: Mutex::default(),
             startup: Mutex::default(),
             blocked: Mutex::default(),
             quiet_skips: &[],
@@ -326,6 +346,7 @@ impl Events {
             running: self.running.load(Ordering::Relaxed),
             rules: self.rules.lock().expect("stats lock").clone(),
             windows: self.windows.lock().expect("stats lock").clone(),
+            schedule: self.schedule.lock().expect("stats lock").clone(),
             startup: self.startup.lock().expect("stats lock").clone(),
         }
     }
@@ -358,6 +379,15 @@ impl Events {
     }
 
     /// The windows' state as of the last trigger.
+    /// Updates the campaign pipeline's schedule section with `f`.
+    pub fn update_schedule(&self, f: impl FnOnce(&mut ScheduleStats)) {
+        f(self
+            .schedule
+            .lock()
+            .expect("stats lock")
+            .get_or_insert_with(ScheduleStats::default))
+    }
+
     pub fn set_windows(&self, w: WindowStats) {
         *self.windows.lock().expect("stats lock") = Some(w);
     }

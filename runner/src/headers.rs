@@ -143,6 +143,22 @@ fn decode_fixed(mut b: &[u8]) -> Option<HeaderList> {
 /// many.
 pub const UNREADABLE_HEADERS: &str = "dlq-unreadable-headers";
 
+/// The value of an input message's first header named `name` (a header whose name cannot be
+/// read is passed over, see [`of_message`]).
+pub fn find(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<Vec<u8>> {
+    use rdkafka::message::{Headers, Message};
+    let hs = m.headers()?;
+    (0..hs.count()).find_map(|i| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hs.try_get(i)
+                .filter(|h| h.key == name)
+                .map(|h| h.value.unwrap_or_default().to_vec())
+        }))
+        .ok()
+        .flatten()
+    })
+}
+
 /// An input message's headers, in order. A header whose name is not UTF-8 (a client on the C
 /// library can send one) cannot be read through the Kafka client the runner is built on (it
 /// panics on such a name): it is left out, and [`UNREADABLE_HEADERS`] says how many were; the

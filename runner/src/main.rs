@@ -299,7 +299,8 @@ struct CampaignsArgs {
     /// Fraction of campaigns that ended before they are sent (skipped as `expired`).
     #[arg(long, default_value_t = 0.0, help_heading = "Campaigns")]
     expired_fraction: f64,
-    /// Fraction of campaigns that start well after they are sent (skipped as `not_started`).
+    /// Fraction of campaigns that start well after they are sent (kept as `scheduled` and
+    /// delivered at their start).
     #[arg(long, default_value_t = 0.0, help_heading = "Campaigns")]
     future_fraction: f64,
     /// Fraction of campaigns broken in one way chosen at random: not JSON, not UTF-8, not an

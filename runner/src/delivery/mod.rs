@@ -47,7 +47,7 @@ use tokio_postgres::{Client, Transaction};
 
 /// What one input message came to.
 #[derive(Debug)]
-pub enum Outcome<D> {
+pub enum Outcome<D, H = ()> {
     /// Delivered to both sinks: the pipeline's rows and records.
     Deliver(D),
     /// Valid but produces nothing: counted and logged with a reason, not dead-lettered.
@@ -55,6 +55,9 @@ pub enum Outcome<D> {
         reason: &'static str,
         /// What the message was about (the campaign pipeline: the campaign id), for the log.
         subject: String,
+        /// What the pipeline records of the message in the unit's transaction all the same
+        /// ([`Pipeline::record_unit`]; the campaign pipeline: a campaign kept for its start).
+        held: Option<H>,
     },
     /// Sent to the dead-letter topic with its raw key and value and the reason.
     DeadLetter {
@@ -64,8 +67,17 @@ pub enum Outcome<D> {
     },
 }
 
-impl<D> Outcome<D> {
-    pub fn dead_letter(code: &str, detail: String, field: Option<String>) -> Outcome<D> {
+impl<D, H> Outcome<D, H> {
+    /// Skipped, with nothing held.
+    pub fn skip(reason: &'static str, subject: String) -> Outcome<D, H> {
+        Outcome::Skip {
+            reason,
+            subject,
+            held: None,
+        }
+    }
+
+    pub fn dead_letter(code: &str, detail: String, field: Option<String>) -> Outcome<D, H> {
         Outcome::DeadLetter {
             code: code.to_string(),
             detail,
@@ -76,10 +88,10 @@ impl<D> Outcome<D> {
 
 /// An input message, where it came from, and what it came to.
 #[derive(Debug)]
-pub struct Evaluated<D> {
+pub struct Evaluated<D, H = ()> {
     pub msg: OwnedMessage,
     pub pos: SourcePos,
-    pub outcome: Outcome<D>,
+    pub outcome: Outcome<D, H>,
 }
 
 /// What a pipeline brings to the delivery core: how it evaluates messages, its rows in the
@@ -87,8 +99,10 @@ pub struct Evaluated<D> {
 pub trait Pipeline: Send + Sync + Sized + 'static {
     /// What a delivered message carries to the sinks.
     type Delivery: Send + Sync + 'static;
+    /// What a skipped message may leave to [`Pipeline::record_unit`] (`()` when nothing).
+    type Held: Send + Sync + 'static;
     /// Evaluates messages off the async threads; owns the rules evaluator and its buffers.
-    type Worker: Worker<Delivery = Self::Delivery, Round = Self::Round>;
+    type Worker: Worker<Delivery = Self::Delivery, Held = Self::Held, Round = Self::Round>;
     /// What one round of evaluation reads (the campaign pipeline: the subscriber snapshot).
     type Round: Send + Sync + 'static;
     /// The pipeline's statements, prepared once per connection.
@@ -129,8 +143,16 @@ pub trait Pipeline: Send + Sync + Sized + 'static {
         careful: bool,
     ) -> impl Future<Output = Result<Vec<Kept>, WriteError>> + Send + 't;
 
-    /// Reports a message whose results are durable in both sinks.
-    fn delivered(&self, events: &Events, pos: &SourcePos, delivery: &Self::Delivery, rules: &str);
+    /// Reports a message whose results are durable in both sinks; `published`: how many of its
+    /// records were new and published (the others were there already).
+    fn delivered(
+        &self,
+        events: &Events,
+        pos: &SourcePos,
+        delivery: &Self::Delivery,
+        rules: &str,
+        published: usize,
+    );
 
     /// The headers saying where a message's records come from and which rules made them:
     /// by default the message's own position and `rules`.
@@ -156,7 +178,7 @@ pub trait Pipeline: Send + Sync + Sized + 'static {
     fn record_unit<'t>(
         &'t self,
         _tx: &'t Transaction<'t>,
-        _unit: &'t [Evaluated<Self::Delivery>],
+        _unit: &'t [Evaluated<Self::Delivery, Self::Held>],
     ) -> impl Future<Output = Result<BTreeSet<usize>, WriteError>> + Send + 't {
         async { Ok(BTreeSet::new()) }
     }
@@ -182,13 +204,15 @@ pub fn default_provenance(pos: &SourcePos, rules: &RulesIdentity) -> HeaderList 
 /// Evaluates messages on a blocking thread (rules calls are synchronous).
 pub trait Worker: Send + Sync + 'static {
     type Delivery;
+    type Held;
     type Round;
     /// Picks up swapped rules: called between batches, so one batch sees one rules version.
     fn refresh(&mut self);
     /// The rules in use.
     fn rules(&self) -> &RulesIdentity;
     /// Evaluates one message that has a value within the size limit.
-    fn evaluate(&mut self, payload: &[u8], round: &Self::Round) -> Outcome<Self::Delivery>;
+    fn evaluate(&mut self, payload: &[u8], round: &Self::Round)
+        -> Outcome<Self::Delivery, Self::Held>;
 
     /// Evaluates one message as it came from the topic: by default a message without a value
     /// (`missing_value`) or over `max_message_bytes` (`oversized`) is dead-lettered, any other
@@ -198,7 +222,7 @@ pub trait Worker: Send + Sync + 'static {
         msg: &OwnedMessage,
         max_message_bytes: usize,
         round: &Self::Round,
-    ) -> Outcome<Self::Delivery> {
+    ) -> Outcome<Self::Delivery, Self::Held> {
         match msg.payload() {
             None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
             Some(p) if p.len() > max_message_bytes => Outcome::dead_letter(
@@ -325,6 +349,9 @@ enum Written {
 
 /// A partition.
 type Key = (String, i32);
+
+/// A pipeline's evaluated messages.
+type EvaluatedOf<P> = Evaluated<<P as Pipeline>::Delivery, <P as Pipeline>::Held>;
 
 /// Everything the loop owns.
 pub struct Delivery<P: Pipeline> {
@@ -891,7 +918,7 @@ impl<P: Pipeline> Delivery<P> {
     async fn hand_over(
         &mut self,
         key: Key,
-        group: Vec<Evaluated<P::Delivery>>,
+        group: Vec<Evaluated<P::Delivery, P::Held>>,
         entries: Vec<OutboxEntry>,
         kept: Vec<Kept>,
         rules: &RulesIdentity,
@@ -929,7 +956,7 @@ impl<P: Pipeline> Delivery<P> {
     async fn one_by_one(
         &mut self,
         key: Key,
-        group: Vec<Evaluated<P::Delivery>>,
+        group: Vec<Evaluated<P::Delivery, P::Held>>,
         refused: crate::db::DbError,
         rules: &RulesIdentity,
         started: Instant,
@@ -999,7 +1026,7 @@ impl<P: Pipeline> Delivery<P> {
     async fn without_too_large(
         &mut self,
         key: Key,
-        mut group: Vec<Evaluated<P::Delivery>>,
+        mut group: Vec<Evaluated<P::Delivery, P::Held>>,
         mut which: Vec<(usize, usize)>,
         rules: &RulesIdentity,
         started: Instant,
@@ -1045,7 +1072,7 @@ impl<P: Pipeline> Delivery<P> {
     /// connection (as many as `parallel_units`). One outcome per unit, in order.
     async fn write_units(
         &mut self,
-        units: &[(Key, Vec<Evaluated<P::Delivery>>)],
+        units: &[(Key, Vec<EvaluatedOf<P>>)],
         rules: &RulesIdentity,
         stop: &watch::Receiver<bool>,
     ) -> Vec<Result<Written, Abandoned>> {
@@ -1072,7 +1099,7 @@ impl<P: Pipeline> Delivery<P> {
         &self,
         sink: &mut PgSide<P>,
         key: &Key,
-        group: &[Evaluated<P::Delivery>],
+        group: &[Evaluated<P::Delivery, P::Held>],
         rules: &RulesIdentity,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Written, Abandoned> {
@@ -1115,7 +1142,7 @@ impl<P: Pipeline> Delivery<P> {
     /// message that is not skipped.)
     fn too_large(
         &self,
-        group: &[Evaluated<P::Delivery>],
+        group: &[Evaluated<P::Delivery, P::Held>],
         entries: &[OutboxEntry],
     ) -> Vec<(usize, usize)> {
         let limit = self.cfg.record_limits.get().output;
@@ -1161,7 +1188,7 @@ impl<P: Pipeline> Delivery<P> {
     /// records, each dead letter, in order.
     fn unit_entries(
         &self,
-        group: &[Evaluated<P::Delivery>],
+        group: &[Evaluated<P::Delivery, P::Held>],
         rules: &RulesIdentity,
     ) -> Vec<OutboxEntry> {
         let mut entries = Vec::new();
@@ -1208,7 +1235,7 @@ fn evaluate_unit<P: Pipeline>(
     rest: &mut VecDeque<OwnedMessage>,
     round: &P::Round,
     cfg: &DeliveryConfig,
-) -> Vec<Evaluated<P::Delivery>> {
+) -> Vec<Evaluated<P::Delivery, P::Held>> {
     let mut unit = Vec::new();
     let mut weight = 0;
     while weight < cfg.batch_max_weight {

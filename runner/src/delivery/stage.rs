@@ -192,7 +192,7 @@ impl<'e> Records<'e> {
 }
 
 /// A unit durable in PostgreSQL (its outbox entries written), to be published.
-pub(crate) struct Job<D> {
+pub(crate) struct Job<D, H = ()> {
     pub(crate) key: (String, i32),
     /// The fence epoch the PostgreSQL transaction held.
     pub(crate) epoch: i64,
@@ -202,7 +202,7 @@ pub(crate) struct Job<D> {
     pub(crate) entries: Vec<OutboxEntry>,
     pub(crate) kept: Vec<Kept>,
     /// The unit's messages and outcomes, reported once the unit is durable in both sinks.
-    pub(crate) group: Vec<Evaluated<D>>,
+    pub(crate) group: Vec<Evaluated<D, H>>,
     /// Its share of the stage's queue (released once it is published).
     pub(crate) room: Option<OwnedSemaphorePermit>,
     pub(crate) rules: RulesIdentity,
@@ -233,7 +233,7 @@ pub(crate) enum Done {
 
 /// The pipeline's handle on the Kafka stage.
 pub(crate) struct Stage<P: Pipeline> {
-    jobs: mpsc::UnboundedSender<Job<P::Delivery>>,
+    jobs: mpsc::UnboundedSender<Job<P::Delivery, P::Held>>,
     done: mpsc::UnboundedReceiver<Done>,
     /// Drafts the queue may hold (units handed over and not yet published): bounds memory.
     room: Arc<Semaphore>,
@@ -270,7 +270,7 @@ impl<P: Pipeline> Stage<P> {
     }
 
     /// Hands a unit over (waiting while the queue is full).
-    pub(crate) async fn send(&mut self, mut job: Job<P::Delivery>) -> Result<(), Abandoned> {
+    pub(crate) async fn send(&mut self, mut job: Job<P::Delivery, P::Held>) -> Result<(), Abandoned> {
         let drafts: usize = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
         let want = u32::try_from(drafts.max(1))
             .unwrap_or(u32::MAX)
@@ -316,28 +316,31 @@ impl<P: Pipeline> Stage<P> {
     }
 }
 
-fn weight<P: Pipeline>(outcome: &Outcome<P::Delivery>) -> usize {
+fn weight<P: Pipeline>(outcome: &Outcome<P::Delivery, P::Held>) -> usize {
     match outcome {
         Outcome::Deliver(d) => P::weight(d),
         _ => 0,
     }
 }
 
+/// A pipeline's jobs.
+type JobOf<P> = Job<<P as Pipeline>::Delivery, <P as Pipeline>::Held>;
+
 /// A partition and the fence epoch its units were written under: the stage's unit of order.
 type Lane = ((String, i32), i64);
 
-fn lane<D>(job: &Job<D>) -> Lane {
+fn lane<D, H>(job: &Job<D, H>) -> Lane {
     (job.key.clone(), job.epoch)
 }
 
 /// One Kafka transaction carrying a lane's queued units, in order; resolves to what became of
 /// it (`Err`: the runner is stopping hard).
-async fn flight<D>(
+async fn flight<D, H>(
     publisher: Publisher,
     lane: Lane,
-    group: Vec<Job<D>>,
+    group: Vec<Job<D, H>>,
     mut stop: watch::Receiver<bool>,
-) -> (Lane, Vec<Job<D>>, Result<Flight, Abandoned>) {
+) -> (Lane, Vec<Job<D, H>>, Result<Flight, Abandoned>) {
     let events = &publisher.events;
     for job in &group {
         events.stage_time(
@@ -369,7 +372,7 @@ async fn flight<D>(
 async fn run<P: Pipeline>(
     publisher: Publisher,
     pipeline: Arc<P>,
-    mut jobs: mpsc::UnboundedReceiver<Job<P::Delivery>>,
+    mut jobs: mpsc::UnboundedReceiver<Job<P::Delivery, P::Held>>,
     done: mpsc::UnboundedSender<Done>,
     stop: watch::Receiver<bool>,
 ) {
@@ -377,7 +380,7 @@ async fn run<P: Pipeline>(
     // runner (they are handed back with the same verdict).
     let mut ended: HashMap<Lane, Flight> = HashMap::new();
     // Units handed over and not yet in a transaction, per lane, in order.
-    let mut waiting: HashMap<Lane, Vec<Job<P::Delivery>>> = HashMap::new();
+    let mut waiting: HashMap<Lane, Vec<JobOf<P>>> = HashMap::new();
     // Lanes with a transaction in flight.
     let mut busy: HashSet<Lane> = HashSet::new();
     let mut flights = FuturesUnordered::new();
@@ -432,15 +435,17 @@ async fn run<P: Pipeline>(
 fn finish<P: Pipeline>(
     pipeline: &P,
     events: &Events,
-    group: Vec<Job<P::Delivery>>,
+    group: Vec<Job<P::Delivery, P::Held>>,
     flight: Flight,
     done: &mpsc::UnboundedSender<Done>,
 ) -> Result<(), mpsc::error::SendError<Done>> {
     for job in group {
+        if matches!(flight, Flight::Published) {
+            report(pipeline, events, &job);
+        }
         let (key, epoch) = (job.key, job.epoch);
         let outcome = match flight {
             Flight::Published => {
-                report(pipeline, events, &job.group, &job.rules);
                 record_latency(events, &job.group);
                 let drafts = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
                 events.batch_committed(job.group.len(), drafts, job.started.elapsed());
@@ -459,7 +464,7 @@ fn finish<P: Pipeline>(
 }
 
 /// End-to-end latency of each message of a committed unit: from its Kafka timestamp.
-fn record_latency<D>(events: &Events, group: &[Evaluated<D>]) {
+fn record_latency<D, H>(events: &Events, group: &[Evaluated<D, H>]) {
     let now_us = unix_micros();
     for e in group {
         if let Some(ms) = rdkafka::Message::timestamp(&e.msg).to_millis() {
@@ -468,20 +473,37 @@ fn record_latency<D>(events: &Events, group: &[Evaluated<D>]) {
     }
 }
 
-fn report<P: Pipeline>(
-    pipeline: &P,
-    events: &Events,
-    group: &[Evaluated<P::Delivery>],
-    rules: &RulesIdentity,
-) {
-    let rules = rules.to_string();
-    for e in group {
+fn report<P: Pipeline>(pipeline: &P, events: &Events, job: &Job<P::Delivery, P::Held>) {
+    let rules = job.rules.to_string();
+    // Records published per outbox entry (a delivery whose records were all there already
+    // published none).
+    let published: HashMap<usize, usize> = job
+        .kept
+        .iter()
+        .map(|k| {
+            let n = k
+                .only
+                .as_ref()
+                .map_or_else(|| job.entries[k.entry].records.len(), Vec::len);
+            (k.entry, n)
+        })
+        .collect();
+    let mut entry = 0;
+    for e in &job.group {
         match &e.outcome {
-            Outcome::Deliver(d) => pipeline.delivered(events, &e.pos, d, &rules),
-            Outcome::Skip { reason, subject } => events.skipped(reason, &e.pos, subject),
+            Outcome::Deliver(d) => {
+                let n = published.get(&entry).copied().unwrap_or(0);
+                pipeline.delivered(events, &e.pos, d, &rules, n)
+            }
+            Outcome::Skip {
+                reason, subject, ..
+            } => events.skipped(reason, &e.pos, subject),
             Outcome::DeadLetter { code, detail, .. } => {
                 events.dead_lettered(code, detail, &e.pos, &rules)
             }
+        }
+        if !matches!(e.outcome, Outcome::Skip { .. }) {
+            entry += 1;
         }
     }
 }

@@ -436,7 +436,7 @@ impl<P: Pipeline> PgSide<P> {
     pub async fn commit(
         &mut self,
         fence: &Fence,
-        unit: &[Evaluated<P::Delivery>],
+        unit: &[Evaluated<P::Delivery, P::Held>],
         entries: &[OutboxEntry],
         published_through: Option<i64>,
         events: &Events,
@@ -474,16 +474,16 @@ impl<P: Pipeline> PgSide<P> {
 }
 
 /// One attempt at a unit's transaction.
-struct UnitTx<'a, D> {
+struct UnitTx<'a, D, H> {
     fence: &'a Fence,
-    unit: &'a [Evaluated<D>],
+    unit: &'a [Evaluated<D, H>],
     entries: &'a [OutboxEntry],
     published_through: Option<i64>,
     careful: bool,
 }
 
-impl<D: Send + Sync + 'static> UnitTx<'_, D> {
-    async fn commit<P: Pipeline<Delivery = D>>(
+impl<D: Send + Sync + 'static, H: Send + Sync + 'static> UnitTx<'_, D, H> {
+    async fn commit<P: Pipeline<Delivery = D, Held = H>>(
         self,
         client: &mut Client,
         st: &Statements<P::Prepared>,
@@ -562,8 +562,8 @@ impl<D: Send + Sync + 'static> UnitTx<'_, D> {
 
 /// The delivered messages of a unit, each with the index of its outbox entry (entries are
 /// made, in order, for every delivered or dead-lettered message).
-pub(super) fn delivered_entries<D>(
-    unit: &[Evaluated<D>],
+pub(super) fn delivered_entries<D, H>(
+    unit: &[Evaluated<D, H>],
 ) -> impl Iterator<Item = (usize, &D)> + '_ {
     unit.iter()
         .filter(|e| !matches!(e.outcome, Outcome::Skip { .. }))
@@ -576,7 +576,7 @@ pub(super) fn delivered_entries<D>(
 
 /// The index in `unit` of the message of each outbox entry (entries are made, in order, for
 /// every delivered or dead-lettered message).
-fn entry_units<D>(unit: &[Evaluated<D>]) -> Vec<usize> {
+fn entry_units<D, H>(unit: &[Evaluated<D, H>]) -> Vec<usize> {
     unit.iter()
         .enumerate()
         .filter(|(_, e)| !matches!(e.outcome, Outcome::Skip { .. }))

@@ -19,17 +19,19 @@
 //! **The mix.** Each campaign is one of four kinds, drawn with the given fractions: *active*
 //! at the moment it is made (start < now < end, with a margin each way, so it is still active
 //! when the pipeline reads it and was already active a minute before), *expired* (ended at
-//! least a minute before now), *future* (starts at least half a campaign length after now),
-//! or *malformed*, broken in one way chosen at random ([`Malformed`]), each of which the rules
-//! dead-letter with a known reason code. "Now" is the wall clock at the moment a campaign is
-//! made, or a fixed instant (`now`, for a runner whose clock is fixed too).
+//! least a minute before now), *future* (starts half a campaign length to a whole one after
+//! now: the pipeline keeps it, counted as skip reason `scheduled`, and delivers it at its
+//! start), or *malformed*, broken in one way chosen at random ([`Malformed`]), each of which
+//! the rules dead-letter with a known reason code. "Now" is the wall clock at the moment a
+//! campaign is made, or a fixed instant (`now`, for a runner whose clock is fixed too).
 //!
 //! **Seeding.** [`seed_subscribers`] writes R × M rows into `public.subscribers_restaurants`
 //! (created as SPEC.md gives it when absent), M distinct clients per restaurant, with binary
 //! COPY in batches, in one transaction that first deletes every row of those R restaurants:
 //! seeding again with the same seed leaves the same rows, and a running runner reloads its
-//! cache once. Each active campaign must then yield M drafts: the summary says how many in
-//! all, and how many dead letters with which reason code.
+//! cache once. Each active campaign must then yield M drafts when it is read, and each future
+//! one M drafts at its start: the summary says how many in all, and how many dead letters with
+//! which reason code.
 
 use super::{drive, format_event_time, Counters, Limit, ProduceError, ProduceOptions, Progress};
 use super::{Record, RunReport};
@@ -152,20 +154,21 @@ pub enum CampaignKind {
     Active,
     /// Valid, ended: skipped by the pipeline as `expired`.
     Expired,
-    /// Valid, not started: skipped by the pipeline as `not_started`.
+    /// Valid, not started: kept by the pipeline (skip reason `scheduled`) and delivered to the
+    /// restaurant's subscribers at its start.
     Future,
     /// Refused by the rules: dead-lettered.
     Malformed(Malformed),
 }
 
 impl CampaignKind {
-    /// What the campaign pipeline does with it: `deliver`, a skip reason, or the dead letter's
-    /// reason code.
+    /// What the campaign pipeline does with it when it reads it: `deliver`, a skip reason
+    /// (`scheduled` for one delivered later, at its start), or the dead letter's reason code.
     pub fn expected_outcome(self) -> &'static str {
         match self {
             CampaignKind::Active => "deliver",
             CampaignKind::Expired => "expired",
-            CampaignKind::Future => "not_started",
+            CampaignKind::Future => "scheduled",
             CampaignKind::Malformed(m) => m.expected_rejection(),
         }
     }
@@ -699,9 +702,12 @@ pub struct CampaignsSummary {
     pub malformed_kinds: BTreeMap<&'static str, u64>,
     /// The dead letters the malformed campaigns must become, per `dlq-reason` code.
     pub expected_dead_letters: BTreeMap<&'static str, u64>,
-    /// When the subscribers per restaurant (M) are known: active × M.
+    /// When the subscribers per restaurant (M) are known: active × M, the drafts made when the
+    /// campaigns are read.
     pub subscribers_per_restaurant: Option<u32>,
     pub expected_drafts: Option<u64>,
+    /// When M is known: future × M, the drafts made later, each campaign's at its start.
+    pub expected_scheduled_drafts: Option<u64>,
     /// The "now" the campaigns were made at; `fixed_now` when it was given.
     pub now: Option<NowRange>,
     pub fixed_now: bool,
@@ -834,6 +840,7 @@ pub async fn campaigns(
         expected_dead_letters: tally.dead_letters,
         subscribers_per_restaurant: m,
         expected_drafts: m.map(|m| tally.active * u64::from(m)),
+        expected_scheduled_drafts: m.map(|m| tally.future * u64::from(m)),
         now: tally.now,
         fixed_now: opts.now.is_some(),
         seeded,
@@ -881,18 +888,22 @@ impl fmt::Display for CampaignsSummary {
         match (self.expected_drafts, self.subscribers_per_restaurant) {
             (Some(d), Some(m)) => writeln!(
                 f,
-                "  expected drafts: {d} ({} active × {m} subscribers)",
-                self.active
+                "  expected drafts: {d} ({} active × {m} subscribers), then {} at the future \
+                 campaigns' starts ({} future × {m})",
+                self.active,
+                self.expected_scheduled_drafts.unwrap_or(0),
+                self.future
             )?,
             _ => writeln!(
                 f,
-                "  expected drafts: {} active × the subscribers of each restaurant",
-                self.active
+                "  expected drafts: {} active × the subscribers of each restaurant, then {} \
+                 future × the subscribers of each restaurant at the campaigns' starts",
+                self.active, self.future
             )?,
         }
         writeln!(
             f,
-            "  expected skips: expired {}, not_started {}",
+            "  expected skips: expired {}, scheduled {} (each delivered at its start)",
             self.expired, self.future
         )?;
         let dead = join_counts(&self.expected_dead_letters);
@@ -1050,7 +1061,7 @@ mod tests {
             }
             *kinds.entry(c.kind.expected_outcome()).or_insert(0) += 1;
         }
-        for (kind, share) in [("deliver", 0.4), ("expired", 0.3), ("not_started", 0.3)] {
+        for (kind, share) in [("deliver", 0.4), ("expired", 0.3), ("scheduled", 0.3)] {
             let got = kinds[kind] as f64 / 3000.0;
             assert!((got - share).abs() < 0.04, "{kind}: {got}");
         }
@@ -1170,6 +1181,7 @@ mod tests {
             expected_dead_letters: BTreeMap::from([("invalid_uuid", 1), ("malformed_json", 1)]),
             subscribers_per_restaurant: Some(4),
             expected_drafts: Some(24),
+            expected_scheduled_drafts: Some(4),
             now: Some(NowRange {
                 first: NOW,
                 last: NOW,
@@ -1181,12 +1193,19 @@ mod tests {
         assert!(text
             .contains("Sent 10 campaigns to topic campaigns (2 restaurants, keyed by restaurant)"));
         assert!(text.contains("malformed 2 (bad_uuid 1, not_json 1)"));
-        assert!(text.contains("expected drafts: 24 (6 active × 4 subscribers)"));
+        assert!(text.contains(
+            "expected drafts: 24 (6 active × 4 subscribers), then 4 at the future campaigns' \
+             starts (1 future × 4)"
+        ));
+        assert!(
+            text.contains("expected skips: expired 1, scheduled 1 (each delivered at its start)")
+        );
         assert!(text.contains("expected dead letters: 2 (invalid_uuid 1, malformed_json 1)"));
         assert!(text.contains("2025-11-27T15:00:00Z"));
         let v = serde_json::to_value(&summary).unwrap();
         assert_eq!(v["sent"], 10);
         assert_eq!(v["expected_drafts"], 24);
+        assert_eq!(v["expected_scheduled_drafts"], 4);
         assert_eq!(v["expected_dead_letters"]["invalid_uuid"], 1);
     }
 }

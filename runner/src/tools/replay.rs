@@ -298,6 +298,9 @@ pub async fn replay(
         campaigns::schema::ensure(&pg)
             .await
             .context("checking the PostgreSQL schema")?;
+        campaigns::schema::ensure_registry(&pg)
+            .await
+            .context("creating the campaign registry")?;
         replay_tables()
             .ensure(&pg)
             .await

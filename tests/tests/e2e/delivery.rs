@@ -178,6 +178,8 @@ async fn work_committed_to_postgres_only_is_published_once_by_the_next_owner() -
             drafts,
             trigger: (NOW - 5) as i32,
             snapshot: 1,
+            cause: runner::pipelines::campaigns::schedule::Cause::Published,
+            registry: None,
         }),
     }];
     let kept = sink

@@ -318,6 +318,8 @@ async fn outbox_entries_past_64_kib_are_published_intact_by_the_next_owner() -> 
                 drafts,
                 trigger: (NOW - 5) as i32,
                 snapshot: 1,
+                cause: runner::pipelines::campaigns::schedule::Cause::Published,
+                registry: None,
             }),
         },
         Evaluated {

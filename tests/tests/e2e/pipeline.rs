@@ -191,7 +191,7 @@ async fn restaurant_without_subscribers_produces_nothing_and_advances() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_and_not_started_campaigns_are_skipped_with_reasons() -> anyhow::Result<()> {
+async fn expired_campaigns_are_skipped_and_future_ones_scheduled() -> anyhow::Result<()> {
     let kafka = MockKafka::new(1)?;
     let db = TestDb::with_spec_subscribers().await?;
     let now = 1_700_000_000;
@@ -216,7 +216,8 @@ async fn expired_and_not_started_campaigns_are_skipped_with_reasons() -> anyhow:
     );
     let stats = stop(running).await?;
     assert_eq!(stats.skipped(SkipReason::Expired), 1, "{stats:?}");
-    assert_eq!(stats.skipped(SkipReason::NotStarted), 1, "{stats:?}");
+    assert_eq!(stats.skipped(SkipReason::Scheduled), 1, "{stats:?}");
+    assert_eq!(stats.skipped(SkipReason::NotStarted), 0, "{stats:?}");
     assert_eq!(stats.delivered, 1);
     let drafts = kafka.drafts(9).await?;
     assert_eq!(drafts.len(), 8);

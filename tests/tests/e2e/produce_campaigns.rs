@@ -1,9 +1,9 @@
 //! `runner produce campaigns` against librdkafka's mock cluster and a real PostgreSQL: the
 //! seeded subscriptions are the ones the ids promise, the mix is counted as asked, and the
 //! campaign pipeline fed by the generator makes exactly the drafts the summary predicts (in
-//! both sinks, for the active campaigns only) and dead-letters the malformed ones with the
-//! reason codes the summary predicts; PostgreSQL out of reach and a missing topic are clear
-//! errors.
+//! both sinks, for the active campaigns only: the runner's clock stays before the future ones'
+//! starts, so they stay scheduled) and dead-letters the malformed ones with the reason codes the
+//! summary predicts; PostgreSQL out of reach and a missing topic are clear errors.
 
 use e2e_tests::*;
 use rdkafka::message::Message;
@@ -95,6 +95,7 @@ async fn the_pipeline_makes_the_drafts_and_dead_letters_the_summary_predicts() -
     }
     assert_eq!(summary.expected_dead_letters, predicted_dead);
     assert_eq!(summary.expected_drafts, Some(summary.active * 7));
+    assert_eq!(summary.expected_scheduled_drafts, Some(summary.future * 7));
 
     // The seeded rows: 6 restaurants × 7 distinct clients, the ids from the seed.
     let seeded = summary.seeded.clone().expect("seeded");
@@ -160,10 +161,12 @@ async fn the_pipeline_makes_the_drafts_and_dead_letters_the_summary_predicts() -
         stats.skipped.get("expired").copied().unwrap_or(0),
         summary.expired
     );
+    // Future campaigns are kept for their start, which the fixed clock never reaches.
     assert_eq!(
-        stats.skipped.get("not_started").copied().unwrap_or(0),
+        stats.skipped.get("scheduled").copied().unwrap_or(0),
         summary.future
     );
+    assert_eq!(stats.skipped.get("not_started"), None);
     assert_eq!(stats.skipped.get("no_subscribers"), None);
 
     // Both sinks hold one draft per (active campaign, subscriber), nothing else.

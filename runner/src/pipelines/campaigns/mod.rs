@@ -6,6 +6,8 @@
 //! - `contract.rs`: the WIT world of the campaign rules, as the sandbox hosts it;
 //! - `drafts.rs`: the clients going into `shape`, the drafts coming out;
 //! - `cache/`: every subscription in memory, kept fresh by LISTEN/NOTIFY;
+//! - `schedule/`: campaigns kept until they are over, delivered at their start and to
+//!   subscribers added while they run;
 //! - `feedback.rs`: the drafts' rows in the unit's PostgreSQL transaction;
 //! - `schema.rs`, `sql/`: the tables, the change feed, the idempotency key;
 //! - `config.rs`: `[pipelines.campaigns]`;
@@ -16,17 +18,23 @@ pub mod config;
 pub mod contract;
 pub mod drafts;
 pub mod feedback;
+pub mod schedule;
 pub mod schema;
 
 use self::cache::{Snapshot, SubscriberCache};
 use self::config::CampaignsConfig;
 use self::contract::{Activity, CampaignEvaluator, Reloader, RulesEngine, RulesHandle};
 use self::drafts::Drafts;
+use self::schedule::scheduler::{ScheduleHandle, Scheduler, SchedulerConfig};
+use self::schedule::{Cause, RegistryOp, Trigger};
 use super::{Shared, Task, Wiring};
 use crate::clock::Clock;
 use crate::delivery::{
-    DeliveryConfig, Kept, OutboxEntry, Outcome, Records, Tables, Target, Worker, WriteError,
+    DeliveryConfig, Evaluated, Kept, OutboxEntry, Outcome, Records, Tables, Target, Worker,
+    WriteError,
 };
+use rdkafka::message::{Message, OwnedMessage};
+use std::collections::{BTreeSet, HashSet};
 use crate::events::{Events, SourcePos};
 use crate::headers::HeaderList;
 use crate::sandbox::RulesIdentity;
@@ -47,7 +55,10 @@ pub mod header {
 /// Why a valid campaign produced nothing (counted, logged, not dead-lettered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SkipReason {
-    /// The campaign starts later than now.
+    /// Published before its start: kept in the registry and delivered at its start.
+    Scheduled,
+    /// A trigger of the campaign's start came before the start (the clocks of the runner
+    /// that triggered it and of the one that evaluated it disagree): triggered again later.
     NotStarted,
     /// The campaign ended.
     Expired,
@@ -58,6 +69,7 @@ pub enum SkipReason {
 impl SkipReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            SkipReason::Scheduled => "scheduled",
             SkipReason::NotStarted => "not_started",
             SkipReason::Expired => "expired",
             SkipReason::NoSubscribers => "no_subscribers",
@@ -79,23 +91,49 @@ pub struct CampaignDelivery {
     pub trigger: i32,
     /// The version of the subscriber snapshot the campaign was joined against.
     pub snapshot: u64,
+    /// Why the drafts were made.
+    pub cause: Cause,
+    /// What the publication changes in the registry (None for a trigger).
+    pub registry: Option<RegistryOp>,
 }
 
 /// The campaign pipeline, as the delivery core sees it.
 #[derive(Debug, Clone)]
 pub struct Campaigns {
     cache: SubscriberCache,
+    schedule: Option<ScheduleHandle>,
 }
 
 impl Campaigns {
     /// The pipeline joining campaigns against `cache`.
     pub fn new(cache: SubscriberCache) -> Campaigns {
-        Campaigns { cache }
+        Campaigns {
+            cache,
+            schedule: None,
+        }
     }
+
+    /// Reports its deliveries to the scheduler.
+    pub fn with_schedule(mut self, schedule: ScheduleHandle) -> Campaigns {
+        self.schedule = Some(schedule);
+        self
+    }
+}
+
+/// The registry changes of a unit's messages, in order.
+pub fn registry_ops<'a>(
+    unit: impl IntoIterator<Item = &'a Evaluated<CampaignDelivery, RegistryOp>>,
+) -> impl Iterator<Item = &'a RegistryOp> {
+    unit.into_iter().filter_map(|e| match &e.outcome {
+        Outcome::Deliver(d) => d.registry.as_ref(),
+        Outcome::Skip { held, .. } => held.as_ref(),
+        Outcome::DeadLetter { .. } => None,
+    })
 }
 
 impl crate::delivery::Pipeline for Campaigns {
     type Delivery = CampaignDelivery;
+    type Held = RegistryOp;
     type Worker = CampaignWorker;
     type Round = Arc<Snapshot>;
     type Prepared = feedback::Prepared;
@@ -150,13 +188,35 @@ impl crate::delivery::Pipeline for Campaigns {
         feedback::write(tx, prepared, deliveries, careful).await
     }
 
-    fn delivered(&self, events: &Events, pos: &SourcePos, d: &CampaignDelivery, rules: &str) {
-        events.delivered(
-            pos,
-            &d.drafts.campaign.adv_campaign_id,
-            d.drafts.len(),
-            rules,
-        );
+    fn delivered(
+        &self,
+        events: &Events,
+        pos: &SourcePos,
+        d: &CampaignDelivery,
+        rules: &str,
+        published: usize,
+    ) {
+        let c = &d.drafts.campaign;
+        events.delivered(pos, &c.adv_campaign_id, d.drafts.len(), rules);
+        if let Some(s) = &self.schedule {
+            s.delivered(
+                d.cause,
+                published,
+                &c.adv_campaign_id,
+                &c.restaurant_id,
+                d.snapshot,
+            );
+        }
+    }
+
+    /// The registry changes of the unit's publications, in its transaction.
+    async fn record_unit(
+        &self,
+        tx: &Transaction<'_>,
+        unit: &[Evaluated<CampaignDelivery, RegistryOp>],
+    ) -> Result<BTreeSet<usize>, WriteError> {
+        schedule::registry::record(tx, registry_ops(unit)).await?;
+        Ok(BTreeSet::new())
     }
 }
 
@@ -182,6 +242,7 @@ impl CampaignWorker {
 
 impl Worker for CampaignWorker {
     type Delivery = CampaignDelivery;
+    type Held = RegistryOp;
     type Round = Arc<Snapshot>;
 
     fn refresh(&mut self) {
@@ -192,36 +253,125 @@ impl Worker for CampaignWorker {
         self.evaluator.identity()
     }
 
-    fn evaluate(&mut self, payload: &[u8], snapshot: &Arc<Snapshot>) -> Outcome<CampaignDelivery> {
+    /// A payload alone (no message: nothing is kept in the registry).
+    fn evaluate(
+        &mut self,
+        payload: &[u8],
+        snapshot: &Arc<Snapshot>,
+    ) -> Outcome<CampaignDelivery, RegistryOp> {
+        self.evaluate_campaign(payload, None, None, snapshot)
+    }
+
+    /// A publication or a trigger record (`schedule::Trigger`).
+    fn evaluate_message(
+        &mut self,
+        msg: &OwnedMessage,
+        max_message_bytes: usize,
+        snapshot: &Arc<Snapshot>,
+    ) -> Outcome<CampaignDelivery, RegistryOp> {
+        let trigger = match Trigger::of(msg) {
+            Ok(t) => t,
+            Err(detail) => {
+                return Outcome::dead_letter(
+                    "invalid_trigger",
+                    detail,
+                    Some(schedule::TRIGGER.into()),
+                )
+            }
+        };
+        match msg.payload() {
+            None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
+            Some(p) if p.len() > max_message_bytes => Outcome::dead_letter(
+                "oversized",
+                format!(
+                    "the value is {} bytes; the limit is {}",
+                    p.len(),
+                    max_message_bytes
+                ),
+                None,
+            ),
+            Some(p) => self.evaluate_campaign(p, Some(msg), trigger, snapshot),
+        }
+    }
+}
+
+impl CampaignWorker {
+    /// Validates a campaign (the rules decide whether it is active now), keeps a publication
+    /// in the registry, and shapes the drafts of its audience: every subscriber of the
+    /// restaurant, or the clients a `new_subscriber` trigger names who are subscribed.
+    fn evaluate_campaign(
+        &mut self,
+        payload: &[u8],
+        msg: Option<&OwnedMessage>,
+        trigger: Option<Trigger>,
+        snapshot: &Arc<Snapshot>,
+    ) -> Outcome<CampaignDelivery, RegistryOp> {
         let now = self.clock.now();
         let verdict = match self.evaluator.validate(payload, now) {
             Err(e) => return Outcome::dead_letter(e.code(), e.to_string(), None),
             Ok(Err(r)) => return Outcome::dead_letter(r.code.as_str(), r.detail, r.field),
             Ok(Ok(v)) => v,
         };
-        let skip = |reason: SkipReason| Outcome::Skip {
-            reason: reason.as_str(),
-            subject: verdict.campaign.adv_campaign_id.clone(),
+        let campaign = &verdict.campaign;
+        let window = verdict.window;
+        // A publication is kept (latest wins); a trigger only stands for one.
+        let keep = |started: bool| {
+            msg.filter(|_| trigger.is_none()).map(|m| {
+                RegistryOp::Keep(schedule::entry(
+                    m,
+                    &campaign.adv_campaign_id,
+                    &campaign.restaurant_id,
+                    window.opens,
+                    window.closes,
+                    started,
+                ))
+            })
         };
-        match verdict.activity {
-            Activity::NotStarted => return skip(SkipReason::NotStarted),
-            Activity::Expired => return skip(SkipReason::Expired),
-            Activity::Active => {}
+        let skip = |reason: SkipReason, held: Option<RegistryOp>| Outcome::Skip {
+            reason: reason.as_str(),
+            subject: campaign.adv_campaign_id.clone(),
+            held,
+        };
+        match (&trigger, verdict.activity) {
+            (None, Activity::NotStarted) => return skip(SkipReason::Scheduled, keep(false)),
+            (None, Activity::Expired) => {
+                let forget = RegistryOp::Forget {
+                    adv_campaign_id: campaign.adv_campaign_id.clone(),
+                };
+                return skip(SkipReason::Expired, msg.map(|_| forget));
+            }
+            (Some(Trigger::ScheduledStart { of }), Activity::NotStarted) => {
+                let reopen = of.map(|(partition, source_offset)| RegistryOp::Reopen {
+                    adv_campaign_id: campaign.adv_campaign_id.clone(),
+                    partition,
+                    source_offset,
+                });
+                return skip(SkipReason::NotStarted, reopen);
+            }
+            (Some(_), Activity::NotStarted) => return skip(SkipReason::NotStarted, None),
+            (Some(_), Activity::Expired) => return skip(SkipReason::Expired, None),
+            (_, Activity::Active) => {}
         }
-        snapshot.clients_into(&verdict.campaign.restaurant_id, &mut self.clients);
+        snapshot.clients_into(&campaign.restaurant_id, &mut self.clients);
+        if let Some(Trigger::NewSubscriber { clients }) = &trigger {
+            let named: HashSet<&str> = clients.iter().map(String::as_str).collect();
+            self.clients.retain(|c| named.contains(c.as_str()));
+        }
         if self.clients.is_empty() {
-            return skip(SkipReason::NoSubscribers);
+            return skip(SkipReason::NoSubscribers, keep(true));
         }
-        let drafts = match self.evaluator.shape(&verdict.campaign, &self.clients, now) {
+        let drafts = match self.evaluator.shape(campaign, &self.clients, now) {
             Ok(d) => d,
             Err(e) => return Outcome::dead_letter(e.code(), e.to_string(), None),
         };
         // The feedback table's column is int4: refuse loudly rather than wrap (January 2038).
         match i32::try_from(drafts.trigger_datetime_created) {
-            Ok(trigger) => Outcome::Deliver(CampaignDelivery {
+            Ok(trigger_time) => Outcome::Deliver(CampaignDelivery {
                 drafts,
-                trigger,
+                trigger: trigger_time,
                 snapshot: snapshot.version(),
+                cause: trigger.as_ref().map_or(Cause::Published, Trigger::cause),
+                registry: keep(true),
             }),
             Err(_) => {
                 tracing::error!(
@@ -251,7 +401,8 @@ pub fn tables() -> Tables {
 /// change feed, the idempotency key, and the delivery protocol's tables.
 pub async fn ensure_schema(client: &Client) -> Result<(), crate::db::DbError> {
     schema::ensure(client).await?;
-    tables().ensure(client).await
+    tables().ensure(client).await?;
+    schema::ensure_registry(client).await
 }
 
 /// The started campaign pipeline: what operators and tests reach into.
@@ -295,6 +446,9 @@ pub async fn start(
     schema::ensure(&pg)
         .await
         .context("checking the PostgreSQL schema")?;
+    schema::ensure_registry(&pg)
+        .await
+        .context("creating the campaign registry")?;
     drop(pg);
     let (cache, follower) = SubscriberCache::start(
         shared.postgres.as_str().to_string(),
@@ -337,8 +491,21 @@ pub async fn start(
         clients: Vec::new(),
         clock: shared.clock.clone(),
     };
-    let pipeline = Arc::new(Campaigns::new(cache.clone()));
+    let (scheduler, schedule) = Scheduler::new(
+        SchedulerConfig {
+            postgres_url: shared.postgres.as_str().to_string(),
+            input_topic: cfg.input_topic.clone(),
+            instance_id: shared.instance_id.clone(),
+            producer: shared.kafka.producer_config(),
+        },
+        shared.clock.clone(),
+        cache.clone(),
+        events.clone(),
+    )
+    .context("creating the campaign scheduler's producer")?;
+    let pipeline = Arc::new(Campaigns::new(cache.clone()).with_schedule(schedule));
     let (delivery, probe) = super::spawn(shared, wiring, pipeline, worker, events.clone()).await?;
+    let scheduler = tokio::spawn(scheduler.run(shared.shutdown.clone()));
     events.started();
     tracing::info!(
         pipeline = NAME,
@@ -351,7 +518,7 @@ pub async fn start(
     let task = Task {
         events: events.clone(),
         delivery,
-        background: vec![follower, reloads, probe],
+        background: vec![follower, reloads, probe, scheduler],
         shutdown_timeout: cfg.shutdown_timeout,
     };
     Ok((

@@ -11,6 +11,7 @@ pub const SCHEMA_SQL: &str = include_str!("sql/schema.sql");
 const FEED_SQL: &str = include_str!("sql/subscriptions_feed.sql");
 const KEY_SQL: &str = include_str!("sql/idempotency_key.sql");
 const DUPLICATES_SQL: &str = include_str!("sql/feedback_duplicates.sql");
+const REGISTRY_SQL: &str = include_str!("sql/registry_schema.sql");
 
 /// The columns the runner reads or writes, per table.
 const NEEDED: &[(&str, &[Column])] = &[
@@ -79,4 +80,9 @@ async fn ensure_idempotency_key(client: &Client) -> Result<(), DbError> {
         }
     }
     db::run_schema_script(client, KEY_SQL).await
+}
+
+/// Creates the registry of campaigns not over yet (`schedule/`) when absent.
+pub async fn ensure_registry(client: &Client) -> Result<(), DbError> {
+    db::run_schema_script(client, REGISTRY_SQL).await
 }

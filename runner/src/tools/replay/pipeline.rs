@@ -13,6 +13,7 @@ use crate::delivery::{Evaluated, Kept, OutboxEntry, Outcome, Pipeline, Worker, W
 use crate::events::{Events, SourcePos};
 use crate::headers::{self, HeaderList};
 use crate::pipelines::campaigns::cache::Snapshot;
+use crate::pipelines::campaigns::schedule::RegistryOp;
 use crate::pipelines::campaigns::{feedback, CampaignDelivery, CampaignWorker, Campaigns};
 use crate::sandbox::RulesIdentity;
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -126,6 +127,7 @@ impl ReplayWorker {
 
 impl Worker for ReplayWorker {
     type Delivery = CampaignDelivery;
+    type Held = RegistryOp;
     type Round = Arc<Snapshot>;
 
     fn refresh(&mut self) {
@@ -136,7 +138,11 @@ impl Worker for ReplayWorker {
         self.inner.rules()
     }
 
-    fn evaluate(&mut self, payload: &[u8], round: &Arc<Snapshot>) -> Outcome<CampaignDelivery> {
+    fn evaluate(
+        &mut self,
+        payload: &[u8],
+        round: &Arc<Snapshot>,
+    ) -> Outcome<CampaignDelivery, RegistryOp> {
         self.inner.evaluate(payload, round)
     }
 
@@ -145,14 +151,34 @@ impl Worker for ReplayWorker {
         msg: &OwnedMessage,
         max_message_bytes: usize,
         round: &Arc<Snapshot>,
-    ) -> Outcome<CampaignDelivery> {
+    ) -> Outcome<CampaignDelivery, RegistryOp> {
         if let Some(reason) = self.leave_alone(msg) {
-            return Outcome::Skip {
+            return Outcome::skip(
                 reason,
-                subject: format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset()),
-            };
+                format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset()),
+            );
         }
-        self.inner.evaluate_message(msg, max_message_bytes, round)
+        let mut outcome = self.inner.evaluate_message(msg, max_message_bytes, round);
+        // A campaign kept in the registry belongs to the input partition it was first read
+        // from (the dead letter's `source-*` headers), where its triggers go.
+        let op = match &mut outcome {
+            Outcome::Deliver(d) => d.registry.as_mut(),
+            Outcome::Skip { held, .. } => held.as_mut(),
+            Outcome::DeadLetter { .. } => None,
+        };
+        if let Some(RegistryOp::Keep(e)) = op {
+            let source = (
+                header(msg, headers::SOURCE_TOPIC),
+                header(msg, headers::SOURCE_PARTITION).and_then(|p| p.parse().ok()),
+                header(msg, headers::SOURCE_OFFSET).and_then(|o| o.parse().ok()),
+            );
+            if let (Some(topic), Some(partition), Some(offset)) = source {
+                e.topic = topic;
+                e.partition = partition;
+                e.source_offset = offset;
+            }
+        }
+        outcome
     }
 }
 
@@ -166,7 +192,7 @@ pub struct ReplayPipeline {
 }
 
 /// Whether a message's outcome is a replay (and gets a ledger row).
-fn replayed<D>(outcome: &Outcome<D>) -> bool {
+fn replayed<D, H>(outcome: &Outcome<D, H>) -> bool {
     !matches!(
         outcome,
         Outcome::Skip { reason, .. } if [NOT_SELECTED, ALREADY_REPLAYED, AFTER_END].contains(reason)
@@ -175,6 +201,7 @@ fn replayed<D>(outcome: &Outcome<D>) -> bool {
 
 impl Pipeline for ReplayPipeline {
     type Delivery = CampaignDelivery;
+    type Held = RegistryOp;
     type Worker = ReplayWorker;
     type Round = Arc<Snapshot>;
     type Prepared = feedback::Prepared;
@@ -208,8 +235,15 @@ impl Pipeline for ReplayPipeline {
             .await
     }
 
-    fn delivered(&self, events: &Events, pos: &SourcePos, d: &CampaignDelivery, rules: &str) {
-        self.campaigns.delivered(events, pos, d, rules)
+    fn delivered(
+        &self,
+        events: &Events,
+        pos: &SourcePos,
+        d: &CampaignDelivery,
+        rules: &str,
+        published: usize,
+    ) {
+        self.campaigns.delivered(events, pos, d, rules, published)
     }
 
     /// The original source position (the dead letter's `source-*` headers; the dead letter's
@@ -247,7 +281,7 @@ impl Pipeline for ReplayPipeline {
     async fn record_unit(
         &self,
         tx: &Transaction<'_>,
-        unit: &[Evaluated<CampaignDelivery>],
+        unit: &[Evaluated<CampaignDelivery, RegistryOp>],
     ) -> Result<BTreeSet<usize>, WriteError> {
         let mut rows: Vec<usize> = Vec::new();
         let (mut offsets, mut outcomes, mut reasons, mut drafts) =
@@ -294,6 +328,17 @@ impl Pipeline for ReplayPipeline {
         for &i in &left_out {
             tracing::info!(dead_letter = %unit[i].pos, "Dead letter replayed already by another run; left out.");
         }
+        // The campaigns replayed now that are not over are kept in the pipeline's registry
+        // (delivered at their start, and to subscribers added while they run).
+        let ops: Vec<RegistryOp> = crate::pipelines::campaigns::registry_ops(
+            unit.iter()
+                .enumerate()
+                .filter(|(i, _)| !left_out.contains(i))
+                .map(|(_, e)| e),
+        )
+        .cloned()
+        .collect();
+        crate::pipelines::campaigns::schedule::registry::record(tx, &ops).await?;
         Ok(left_out)
     }
 }

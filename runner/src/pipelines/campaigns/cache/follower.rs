@@ -3,7 +3,7 @@
 //! then COPY, then what arrived meanwhile, in commit order) and on a timer as a safety net.
 //! Readers are never blocked: each new snapshot is swapped in whole.
 
-use super::{Base, BaseBuilder, Snapshot, SubscriberCache};
+use super::{Base, BaseBuilder, CacheChange, Snapshot, SubscriberCache};
 use crate::db::DbError;
 use crate::events::Events;
 use crate::retry::{stopped, Backoff};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client};
@@ -24,6 +24,9 @@ const COPY_SQL: &str = include_str!("../sql/copy_subscriptions.sql");
 pub const CHANNEL: &str = "campaign_runner_subscriptions";
 /// More overlay entries than this, and the next change triggers a full resync (a new base).
 const OVERLAY_LIMIT: usize = 100_000;
+/// Changes kept for a follower that falls behind; past that it is told it lagged (and the
+/// scheduler audits every active campaign instead).
+const CHANGES_QUEUE: usize = 4096;
 /// The condition `/health` reports while the cache is stale.
 pub const STALE: &str = "subscriber_cache_stale";
 
@@ -88,6 +91,7 @@ impl SubscriberCache {
         let (fresh_tx, fresh_rx) = watch::channel(false);
         let current = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let resyncs = Arc::new(AtomicU64::new(0));
+        let (changes, _) = broadcast::channel(CHANGES_QUEUE);
         let mut follower = Follower {
             url,
             current: current.clone(),
@@ -96,6 +100,7 @@ impl SubscriberCache {
             events,
             resyncs: resyncs.clone(),
             version: 0,
+            changes: changes.clone(),
         };
         // The first connection and load happen here, so a broken database fails the start.
         let feed = follower.connect_and_resync().await?;
@@ -103,6 +108,7 @@ impl SubscriberCache {
             current,
             fresh: fresh_rx,
             resyncs,
+            changes,
         };
         let task = tokio::spawn(follower.run(feed, full_resync_interval, shutdown));
         Ok((cache, task))
@@ -117,6 +123,8 @@ struct Follower {
     metrics: CacheMetrics,
     resyncs: Arc<AtomicU64>,
     version: u64,
+    /// What changed, for whoever follows the subscriptions (the campaign scheduler).
+    changes: broadcast::Sender<Arc<CacheChange>>,
 }
 
 struct Connected {
@@ -186,7 +194,10 @@ impl Follower {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Subscriber snapshot loaded in full."
         );
+        let version = snapshot.version();
         self.current.store(Arc::new(snapshot));
+        // Nobody listening is fine.
+        let _ = self.changes.send(Arc::new(CacheChange::Reloaded { version }));
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.resyncs.inc();
         self.set_fresh(true);
@@ -263,6 +274,18 @@ impl Follower {
             "Subscriber changes applied."
         );
         self.current.store(Arc::new(next));
+        let present: Vec<(String, String)> = n
+            .changes
+            .into_iter()
+            .filter(|(_, _, exists)| *exists)
+            .map(|(restaurant, client, _)| (restaurant, client))
+            .collect();
+        if !present.is_empty() {
+            let _ = self.changes.send(Arc::new(CacheChange::Present {
+                version: self.version,
+                pairs: present,
+            }));
+        }
         None
     }
 }

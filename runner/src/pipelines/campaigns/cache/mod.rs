@@ -395,6 +395,20 @@ impl Snapshot {
     }
 }
 
+/// What changed in the subscriptions, as the follower applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheChange {
+    /// (restaurant, client) pairs a statement touched that exist after it: new subscriptions
+    /// among them (and some that existed before). `version`: the snapshot that has them.
+    Present {
+        version: u64,
+        pairs: Vec<(String, String)>,
+    },
+    /// The table was loaded in full (a bulk statement, a lost connection, the periodic
+    /// resync): anything may have changed up to snapshot `version`.
+    Reloaded { version: u64 },
+}
+
 /// The shared, swappable snapshot plus whether it can be trusted.
 #[derive(Debug, Clone)]
 pub struct SubscriberCache {
@@ -402,6 +416,7 @@ pub struct SubscriberCache {
     fresh: watch::Receiver<bool>,
     /// Full loads of the table so far (the first one included).
     resyncs: Arc<AtomicU64>,
+    changes: tokio::sync::broadcast::Sender<Arc<CacheChange>>,
 }
 
 impl SubscriberCache {
@@ -411,7 +426,13 @@ impl SubscriberCache {
             current: Arc::new(ArcSwap::from_pointee(snapshot)),
             fresh: watch::channel(true).1,
             resyncs: Arc::default(),
+            changes: tokio::sync::broadcast::channel(1).0,
         }
+    }
+
+    /// Follows what changes from now on (a fixed cache never changes).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<CacheChange>> {
+        self.changes.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
