@@ -80,6 +80,7 @@ bench: transforms
 	cargo bench -p bench --bench rules_call
 	$(BENCH) fanout --rules $(CAMPAIGN_WASM)
 	$(BENCH) latency --rules $(CAMPAIGN_WASM) --v2 $(FIXTURES)/campaign-rules-v2.wasm
+	$(BENCH) schedule --rules $(CAMPAIGN_WASM)
 	$(BENCH) cache
 	$(BENCH) windows --rules $(SALES_WASM)
 

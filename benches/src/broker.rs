@@ -78,6 +78,18 @@ impl Broker {
         rules: &std::path::Path,
         rules_extra: &str,
     ) -> Result<(Running, String)> {
+        self.start_runner_with_clock(url, rules, rules_extra, RunOptions::default().clock)
+            .await
+    }
+
+    /// [`Broker::start_runner`], the pipeline reading the time from `clock`.
+    pub async fn start_runner_with_clock(
+        &self,
+        url: &str,
+        rules: &std::path::Path,
+        rules_extra: &str,
+        clock: std::sync::Arc<dyn runner::clock::Clock>,
+    ) -> Result<(Running, String)> {
         let id = uuid::Uuid::new_v4();
         let (input, output, dlq) = (format!("in-{id}"), format!("out-{id}"), format!("dlq-{id}"));
         self.create_topic(&input, INPUT_PARTITIONS).await?;
@@ -99,8 +111,8 @@ impl Broker {
             env: false,
         })?;
         let options = RunOptions {
+            clock,
             mock_cluster: matches!(self, Broker::Mock(_)),
-            ..RunOptions::default()
         };
         Ok((app::start(config, options).await?, input))
     }

@@ -9,6 +9,7 @@ mod fanout;
 mod latency;
 mod report;
 mod rules;
+mod schedule;
 mod windows;
 
 use anyhow::Result;
@@ -71,6 +72,19 @@ enum Workload {
         slice: std::time::Duration,
         #[arg(long, default_value_t = 2)]
         swaps_per_slice: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Scheduled starts: campaigns (one per restaurant) all starting at the same second, from
+    /// that second until all their drafts are committed in both sinks.
+    Schedule {
+        #[arg(long, default_value = "build/wasm/campaign-rules.wasm")]
+        rules: std::path::PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        campaigns: usize,
+        /// Subscribers per restaurant.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
@@ -140,6 +154,12 @@ async fn main() -> Result<()> {
             subscribers,
             runs,
         } => fanout::run(&cli.admin_url, &rules, campaigns, subscribers, runs).await?,
+        Workload::Schedule {
+            rules,
+            campaigns,
+            subscribers,
+            runs,
+        } => schedule::run(&cli.admin_url, &rules, campaigns, subscribers, runs).await?,
         Workload::Windows {
             rules,
             events,
