@@ -19,6 +19,7 @@ mod replay;
 mod restart;
 mod rules_workflow;
 mod sandbox;
+mod schedule;
 mod schema;
 mod secrets;
 mod sink_failures;

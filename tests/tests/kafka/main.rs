@@ -8,6 +8,7 @@ mod brokers;
 mod campaigns;
 mod produce_campaigns;
 mod reconcile;
+mod schedule;
 mod replay;
 mod startup;
 mod windows;
