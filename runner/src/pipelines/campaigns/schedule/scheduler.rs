@@ -246,6 +246,9 @@ pub struct Scheduler {
     covered_from: u64,
     /// (campaign, client) pairs triggered lately.
     in_flight: HashMap<(String, String), Instant>,
+    /// Campaigns whose start was triggered lately: not audited in full while the trigger is on
+    /// its way (it reaches every subscriber; its delivery asks for an audit of what it missed).
+    starting: HashMap<String, Instant>,
     /// When a PostgreSQL failure was last logged.
     last_warned: Option<Instant>,
 }
@@ -319,6 +322,7 @@ impl Scheduler {
                 recent: VecDeque::new(),
                 covered_from,
                 in_flight: HashMap::new(),
+                starting: HashMap::new(),
                 last_warned: None,
             },
             handle,
@@ -519,6 +523,8 @@ impl Scheduler {
         for (c, r) in due.iter().zip(results) {
             match r {
                 Ok(()) => {
+                    self.starting
+                        .insert(c.adv_campaign_id.clone(), Instant::now());
                     ids.push(c.adv_campaign_id.as_str());
                     partitions.push(c.partition);
                     offsets.push(c.source_offset);
@@ -606,9 +612,12 @@ impl Scheduler {
                 .await?
                 .query(ACTIVE_SQL, &[&topic, &partitions, &now, &restaurants])
                 .await?;
+            self.starting.retain(|_, t| t.elapsed() < IN_FLIGHT);
             for r in &rows {
                 let c = Campaign::from_row(r)?;
-                if work.all || work.partitions.contains(&c.partition) {
+                if (work.all || work.partitions.contains(&c.partition))
+                    && !self.starting.contains_key(&c.adv_campaign_id)
+                {
                     wanted.insert(c.adv_campaign_id.clone(), (c, None));
                 }
             }
@@ -629,7 +638,10 @@ impl Scheduler {
                 .collect();
             for r in &rows {
                 let c = Campaign::from_row(r)?;
-                if wanted.get(&c.adv_campaign_id).is_some_and(|w| w.1.is_none()) {
+                if wanted
+                    .get(&c.adv_campaign_id)
+                    .is_some_and(|w| w.1.is_none())
+                {
                     continue;
                 }
                 let mut candidates: Option<BTreeSet<String>> = Some(
