@@ -211,8 +211,11 @@ pub trait Worker: Send + Sync + 'static {
     /// The rules in use.
     fn rules(&self) -> &RulesIdentity;
     /// Evaluates one message that has a value within the size limit.
-    fn evaluate(&mut self, payload: &[u8], round: &Self::Round)
-        -> Outcome<Self::Delivery, Self::Held>;
+    fn evaluate(
+        &mut self,
+        payload: &[u8],
+        round: &Self::Round,
+    ) -> Outcome<Self::Delivery, Self::Held>;
 
     /// Evaluates one message as it came from the topic: by default a message without a value
     /// (`missing_value`) or over `max_message_bytes` (`oversized`) is dead-lettered, any other

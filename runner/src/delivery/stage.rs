@@ -270,7 +270,10 @@ impl<P: Pipeline> Stage<P> {
     }
 
     /// Hands a unit over (waiting while the queue is full).
-    pub(crate) async fn send(&mut self, mut job: Job<P::Delivery, P::Held>) -> Result<(), Abandoned> {
+    pub(crate) async fn send(
+        &mut self,
+        mut job: Job<P::Delivery, P::Held>,
+    ) -> Result<(), Abandoned> {
         let drafts: usize = job.group.iter().map(|e| weight::<P>(&e.outcome)).sum();
         let want = u32::try_from(drafts.max(1))
             .unwrap_or(u32::MAX)

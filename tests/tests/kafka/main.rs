@@ -8,7 +8,7 @@ mod brokers;
 mod campaigns;
 mod produce_campaigns;
 mod reconcile;
-mod schedule;
 mod replay;
+mod schedule;
 mod startup;
 mod windows;

@@ -33,12 +33,12 @@ use crate::delivery::{
     DeliveryConfig, Evaluated, Kept, OutboxEntry, Outcome, Records, Tables, Target, Worker,
     WriteError,
 };
-use rdkafka::message::{Message, OwnedMessage};
-use std::collections::{BTreeSet, HashSet};
 use crate::events::{Events, SourcePos};
 use crate::headers::HeaderList;
 use crate::sandbox::RulesIdentity;
 use anyhow::{Context, Result};
+use rdkafka::message::{Message, OwnedMessage};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use tokio_postgres::{Client, Transaction};
 

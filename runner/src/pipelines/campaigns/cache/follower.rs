@@ -197,7 +197,9 @@ impl Follower {
         let version = snapshot.version();
         self.current.store(Arc::new(snapshot));
         // Nobody listening is fine.
-        let _ = self.changes.send(Arc::new(CacheChange::Reloaded { version }));
+        let _ = self
+            .changes
+            .send(Arc::new(CacheChange::Reloaded { version }));
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.resyncs.inc();
         self.set_fresh(true);

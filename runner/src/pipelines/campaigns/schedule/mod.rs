@@ -43,7 +43,11 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 3] = [Cause::Published, Cause::ScheduledStart, Cause::NewSubscriber];
+    pub const ALL: [Cause; 3] = [
+        Cause::Published,
+        Cause::ScheduledStart,
+        Cause::NewSubscriber,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -50,9 +50,10 @@ impl RegistryOp {
     fn campaign(&self) -> &str {
         match self {
             RegistryOp::Keep(e) => &e.adv_campaign_id,
-            RegistryOp::Forget { adv_campaign_id } | RegistryOp::Reopen { adv_campaign_id, .. } => {
-                adv_campaign_id
-            }
+            RegistryOp::Forget { adv_campaign_id }
+            | RegistryOp::Reopen {
+                adv_campaign_id, ..
+            } => adv_campaign_id,
         }
     }
 }
