@@ -226,19 +226,35 @@ pub trait Worker: Send + Sync + 'static {
         max_message_bytes: usize,
         round: &Self::Round,
     ) -> Outcome<Self::Delivery, Self::Held> {
-        match msg.payload() {
-            None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
-            Some(p) if p.len() > max_message_bytes => Outcome::dead_letter(
-                "oversized",
-                format!(
-                    "the value is {} bytes; the limit is {}",
-                    p.len(),
-                    max_message_bytes
-                ),
-                None,
-            ),
-            Some(p) => self.evaluate(p, round),
+        match payload_within(msg, max_message_bytes) {
+            Ok(p) => self.evaluate(p, round),
+            Err(dead_letter) => dead_letter,
         }
+    }
+}
+
+/// A message's value, or its dead letter: `missing_value` when it has none, `oversized` when it
+/// is over `max_message_bytes`.
+pub fn payload_within<D, H>(
+    msg: &OwnedMessage,
+    max_message_bytes: usize,
+) -> Result<&[u8], Outcome<D, H>> {
+    match msg.payload() {
+        None => Err(Outcome::dead_letter(
+            "missing_value",
+            "the message has no value".into(),
+            None,
+        )),
+        Some(p) if p.len() > max_message_bytes => Err(Outcome::dead_letter(
+            "oversized",
+            format!(
+                "the value is {} bytes; the limit is {}",
+                p.len(),
+                max_message_bytes
+            ),
+            None,
+        )),
+        Some(p) => Ok(p),
     }
 }
 

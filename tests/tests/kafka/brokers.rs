@@ -154,6 +154,19 @@ impl Drop for Kafka {
     }
 }
 
+/// `runner run --config CONFIG` as a child process, with `env` set; `RUNNER_TEST_LOG` (e.g.
+/// "info") makes it say more than errors.
+pub(crate) fn spawn_runner(config: &std::path::Path, env: &[(&str, &str)]) -> ChildGuard {
+    let log = std::env::var("RUNNER_TEST_LOG").unwrap_or_else(|_| "error".into());
+    let child = Command::new(runner_binary())
+        .args(["--log", &log, "run", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .spawn()
+        .expect("the runner starts");
+    ChildGuard(child)
+}
+
 pub(crate) fn terminate(child: &mut ChildGuard) -> Result<std::process::ExitStatus> {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -94,20 +94,7 @@ impl World {
     }
 
     fn spawn_runner_with(&self, env: &[(&str, &str)]) -> ChildGuard {
-        // RUNNER_TEST_LOG (e.g. "info") makes the runners say more.
-        let log = std::env::var("RUNNER_TEST_LOG").unwrap_or_else(|_| "error".into());
-        let child = Command::new(runner_binary())
-            .args([
-                "--log",
-                &log,
-                "run",
-                "--config",
-                self.config.to_str().unwrap(),
-            ])
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("the runner starts");
-        ChildGuard(child)
+        super::brokers::spawn_runner(&self.config, env)
     }
 
     /// The transactional id of input partition `partition`'s producer.

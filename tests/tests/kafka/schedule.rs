@@ -18,7 +18,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 /// Now, in unix seconds (the runner's clock).
@@ -171,20 +170,7 @@ impl World {
     }
 
     fn spawn_runner_with(&self, env: &[(&str, &str)]) -> ChildGuard {
-        // RUNNER_TEST_LOG (e.g. "info") makes the runners say more.
-        let log = std::env::var("RUNNER_TEST_LOG").unwrap_or_else(|_| "error".into());
-        let child = Command::new(runner_binary())
-            .args([
-                "--log",
-                &log,
-                "run",
-                "--config",
-                self.config.to_str().unwrap(),
-            ])
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("the runner starts");
-        ChildGuard(child)
+        super::brokers::spawn_runner(&self.config, env)
     }
 
     /// Waits until the runner answering on the status port holds what the group gave it.

@@ -12,7 +12,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Window size and allowed lateness of these tests, seconds.
@@ -71,19 +70,7 @@ impl SalesWorld {
     }
 
     fn spawn_runner_with(&self, env: &[(&str, &str)]) -> ChildGuard {
-        let log = std::env::var("RUNNER_TEST_LOG").unwrap_or_else(|_| "error".into());
-        let child = Command::new(runner_binary())
-            .args([
-                "--log",
-                &log,
-                "run",
-                "--config",
-                self.config.to_str().unwrap(),
-            ])
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("the runner starts");
-        ChildGuard(child)
+        super::brokers::spawn_runner(&self.config, env)
     }
 
     /// Produces `n` sales keyed by store in the background. Event time runs an hour ahead of

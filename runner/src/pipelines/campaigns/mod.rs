@@ -37,7 +37,7 @@ use crate::events::{Events, SourcePos};
 use crate::headers::HeaderList;
 use crate::sandbox::RulesIdentity;
 use anyhow::{Context, Result};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use tokio_postgres::{Client, Transaction};
@@ -129,6 +129,17 @@ pub fn registry_ops<'a>(
         Outcome::Skip { held, .. } => held.as_ref(),
         Outcome::DeadLetter { .. } => None,
     })
+}
+
+/// What a message's outcome changes in the registry, to be amended.
+pub fn registry_op_mut(
+    outcome: &mut Outcome<CampaignDelivery, RegistryOp>,
+) -> Option<&mut RegistryOp> {
+    match outcome {
+        Outcome::Deliver(d) => d.registry.as_mut(),
+        Outcome::Skip { held, .. } => held.as_mut(),
+        Outcome::DeadLetter { .. } => None,
+    }
 }
 
 impl crate::delivery::Pipeline for Campaigns {
@@ -279,18 +290,9 @@ impl Worker for CampaignWorker {
                 )
             }
         };
-        match msg.payload() {
-            None => Outcome::dead_letter("missing_value", "the message has no value".into(), None),
-            Some(p) if p.len() > max_message_bytes => Outcome::dead_letter(
-                "oversized",
-                format!(
-                    "the value is {} bytes; the limit is {}",
-                    p.len(),
-                    max_message_bytes
-                ),
-                None,
-            ),
-            Some(p) => self.evaluate_campaign(p, Some(msg), trigger, snapshot),
+        match crate::delivery::payload_within(msg, max_message_bytes) {
+            Ok(p) => self.evaluate_campaign(p, Some(msg), trigger, snapshot),
+            Err(dead_letter) => dead_letter,
         }
     }
 }

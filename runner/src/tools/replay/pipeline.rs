@@ -161,12 +161,9 @@ impl Worker for ReplayWorker {
         let mut outcome = self.inner.evaluate_message(msg, max_message_bytes, round);
         // A campaign kept in the registry belongs to the input partition it was first read
         // from (the dead letter's `source-*` headers), where its triggers go.
-        let op = match &mut outcome {
-            Outcome::Deliver(d) => d.registry.as_mut(),
-            Outcome::Skip { held, .. } => held.as_mut(),
-            Outcome::DeadLetter { .. } => None,
-        };
-        if let Some(RegistryOp::Keep(e)) = op {
+        if let Some(RegistryOp::Keep(e)) =
+            crate::pipelines::campaigns::registry_op_mut(&mut outcome)
+        {
             let source = (
                 header(msg, headers::SOURCE_TOPIC),
                 header(msg, headers::SOURCE_PARTITION).and_then(|p| p.parse().ok()),
