@@ -73,8 +73,14 @@ crash-loop: build
 	CRASH_LOOPS=$(CRASH_LOOPS) cargo test -p e2e-tests --test kafka -- --nocapture kill_dash_nine
 
 ## Benchmarks (release build; figures, never assertions). Results: bench-results/*.md, *.json.
+## The fan-out's Python peer (benches/peers/) runs in a virtual environment outside the clone,
+## made by scripts/bench-peers.sh when missing.
 BENCH := $(CARGO_TARGET_DIR)/release/bench
+BENCH_PEERS_VENV ?= /var/cache/wasm-runner/peers-venv
+bench: export BENCH_PEERS_VENV := $(BENCH_PEERS_VENV)
+bench: export BENCH_PEER_PYTHON ?= $(BENCH_PEERS_VENV)/bin/python
 bench: transforms
+	bash scripts/bench-peers.sh
 	cargo build --release -p bench
 	$(BENCH) rules --component $(CAMPAIGN_WASM)
 	cargo bench -p bench --bench rules_call
