@@ -171,13 +171,15 @@ pub trait Pipeline: Send + Sync + Sized + 'static {
         headers::of_message(msg)
     }
 
-    /// Records the unit in its PostgreSQL transaction, after the fence check and before the
-    /// pipeline's rows: returns the indices (in `unit`) of messages whose results must not be
-    /// written nor published (the dead-letter replay: messages another replay has replayed
-    /// already). By default nothing is recorded and everything is written.
+    /// Records the unit in its PostgreSQL transaction, sent with the fence check (all of it is
+    /// rolled back if the fence has moved) and before the pipeline's rows: returns the indices
+    /// (in `unit`) of messages whose results must not be written nor published (the dead-letter
+    /// replay: messages another replay has replayed already). By default nothing is recorded
+    /// and everything is written.
     fn record_unit<'t>(
         &'t self,
         _tx: &'t Transaction<'t>,
+        _prepared: &'t Self::Prepared,
         _unit: &'t [Evaluated<Self::Delivery, Self::Held>],
     ) -> impl Future<Output = Result<BTreeSet<usize>, WriteError>> + Send + 't {
         async { Ok(BTreeSet::new()) }

@@ -506,12 +506,22 @@ impl<D: Send + Sync + 'static, H: Send + Sync + 'static> UnitTx<'_, D, H> {
                 None => Ok(None),
             }
         };
-        let (current, _) = futures::try_join!(check, cleanup)?;
+        // What the pipeline records of the unit itself, and which messages it leaves out: sent
+        // in the same round trip too (when the fence has moved, all of it is rolled back).
+        let record = async {
+            pipeline
+                .record_unit(&tx, &st.pipeline, self.unit)
+                .await
+                .map_err(OpError::from)
+        };
+        let (current, _, left_out) = futures::try_join!(
+            async { check.await.map_err(OpError::from) },
+            async { cleanup.await.map_err(OpError::from) },
+            record
+        )?;
         if current.map(|r| r.get::<_, i64>(0)) != Some(fence.epoch) {
             return Err(OpError::Fenced(fence.clone()));
         }
-        // What the pipeline records of the unit itself, and which messages it leaves out.
-        let left_out = pipeline.record_unit(&tx, self.unit).await?;
         let entry_units = entry_units(self.unit);
         let written = |entry: usize| !left_out.contains(&entry_units[entry]);
         // The pipeline's rows, and which records of its deliveries are new; dead letters are

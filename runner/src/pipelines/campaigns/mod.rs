@@ -120,6 +120,21 @@ impl Campaigns {
     }
 }
 
+/// The campaign pipeline's statements in a unit's transaction, prepared once per connection.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub feedback: feedback::Prepared,
+    pub registry: schedule::registry::Prepared,
+}
+
+pub async fn prepare(client: &Client) -> Result<Prepared, tokio_postgres::Error> {
+    let (feedback, registry) = futures::try_join!(
+        feedback::prepare(client),
+        schedule::registry::prepare(client)
+    )?;
+    Ok(Prepared { feedback, registry })
+}
+
 /// The registry changes of a unit's messages, in order.
 pub fn registry_ops<'a>(
     unit: impl IntoIterator<Item = &'a Evaluated<CampaignDelivery, RegistryOp>>,
@@ -147,7 +162,7 @@ impl crate::delivery::Pipeline for Campaigns {
     type Held = RegistryOp;
     type Worker = CampaignWorker;
     type Round = Arc<Snapshot>;
-    type Prepared = feedback::Prepared;
+    type Prepared = Prepared;
 
     /// Never joins against a snapshot known to be stale (first load, lost connection).
     async fn round(&self) -> Arc<Snapshot> {
@@ -184,19 +199,19 @@ impl crate::delivery::Pipeline for Campaigns {
         }
     }
 
-    async fn prepare(&self, client: &Client) -> Result<feedback::Prepared, tokio_postgres::Error> {
-        feedback::prepare(client).await
+    async fn prepare(&self, client: &Client) -> Result<Prepared, tokio_postgres::Error> {
+        prepare(client).await
     }
 
     async fn write(
         &self,
         tx: &Transaction<'_>,
-        prepared: &feedback::Prepared,
+        prepared: &Prepared,
         deliveries: &[(usize, &CampaignDelivery)],
         _entries: &[OutboxEntry],
         careful: bool,
     ) -> Result<Vec<Kept>, WriteError> {
-        feedback::write(tx, prepared, deliveries, careful).await
+        feedback::write(tx, &prepared.feedback, deliveries, careful).await
     }
 
     fn delivered(
@@ -224,9 +239,10 @@ impl crate::delivery::Pipeline for Campaigns {
     async fn record_unit(
         &self,
         tx: &Transaction<'_>,
+        prepared: &Prepared,
         unit: &[Evaluated<CampaignDelivery, RegistryOp>],
     ) -> Result<BTreeSet<usize>, WriteError> {
-        schedule::registry::record(tx, registry_ops(unit)).await?;
+        schedule::registry::record(tx, &prepared.registry, registry_ops(unit)).await?;
         Ok(BTreeSet::new())
     }
 }

@@ -14,7 +14,7 @@ use crate::events::{Events, SourcePos};
 use crate::headers::{self, HeaderList};
 use crate::pipelines::campaigns::cache::Snapshot;
 use crate::pipelines::campaigns::schedule::RegistryOp;
-use crate::pipelines::campaigns::{feedback, CampaignDelivery, CampaignWorker, Campaigns};
+use crate::pipelines::campaigns::{self, CampaignDelivery, CampaignWorker, Campaigns};
 use crate::sandbox::RulesIdentity;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -201,7 +201,7 @@ impl Pipeline for ReplayPipeline {
     type Held = RegistryOp;
     type Worker = ReplayWorker;
     type Round = Arc<Snapshot>;
-    type Prepared = feedback::Prepared;
+    type Prepared = campaigns::Prepared;
 
     async fn round(&self) -> Arc<Snapshot> {
         self.campaigns.round().await
@@ -215,14 +215,14 @@ impl Pipeline for ReplayPipeline {
         self.campaigns.entry(d, source_offset, headers)
     }
 
-    async fn prepare(&self, client: &Client) -> Result<feedback::Prepared, tokio_postgres::Error> {
+    async fn prepare(&self, client: &Client) -> Result<campaigns::Prepared, tokio_postgres::Error> {
         self.campaigns.prepare(client).await
     }
 
     async fn write(
         &self,
         tx: &Transaction<'_>,
-        prepared: &feedback::Prepared,
+        prepared: &campaigns::Prepared,
         deliveries: &[(usize, &CampaignDelivery)],
         entries: &[OutboxEntry],
         careful: bool,
@@ -278,6 +278,7 @@ impl Pipeline for ReplayPipeline {
     async fn record_unit(
         &self,
         tx: &Transaction<'_>,
+        prepared: &campaigns::Prepared,
         unit: &[Evaluated<CampaignDelivery, RegistryOp>],
     ) -> Result<BTreeSet<usize>, WriteError> {
         let mut rows: Vec<usize> = Vec::new();
@@ -335,7 +336,7 @@ impl Pipeline for ReplayPipeline {
         )
         .cloned()
         .collect();
-        crate::pipelines::campaigns::schedule::registry::record(tx, &ops).await?;
+        campaigns::schedule::registry::record(tx, &prepared.registry, &ops).await?;
         Ok(left_out)
     }
 }

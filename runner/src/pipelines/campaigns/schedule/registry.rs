@@ -5,12 +5,33 @@
 //! decides, and across units the later unit overwrites.
 
 use crate::delivery::WriteError;
-use std::collections::HashMap;
-use tokio_postgres::Transaction;
+use std::collections::BTreeMap;
+use tokio_postgres::{Client, Statement, Transaction};
 
 const KEEP_SQL: &str = include_str!("../sql/registry_keep.sql");
 const FORGET_SQL: &str = include_str!("../sql/registry_forget.sql");
 const REOPEN_SQL: &str = include_str!("../sql/registry_reopen.sql");
+
+/// The registry's statements, prepared once per connection.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    keep: Statement,
+    forget: Statement,
+    reopen: Statement,
+}
+
+pub async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
+    let (keep, forget, reopen) = futures::try_join!(
+        c.prepare(KEEP_SQL),
+        c.prepare(FORGET_SQL),
+        c.prepare(REOPEN_SQL)
+    )?;
+    Ok(Prepared {
+        keep,
+        forget,
+        reopen,
+    })
+}
 
 /// A campaign as the registry keeps it: its latest publication (raw, as the rules will read
 /// it again when it is triggered), where it was read, and the rules' window.
@@ -58,14 +79,16 @@ impl RegistryOp {
     }
 }
 
-/// Writes a unit's registry changes, in its transaction. `ops` in the unit's order.
+/// Writes a unit's registry changes, in its transaction. `ops` in the unit's order. Rows are
+/// written in the order of their campaign ids, so that two units (two partitions) touching the
+/// same campaigns take their locks in the same order.
 pub async fn record<'a>(
     tx: &Transaction<'_>,
+    prepared: &Prepared,
     ops: impl IntoIterator<Item = &'a RegistryOp>,
 ) -> Result<(), WriteError> {
     // The last word on each campaign; reopenings apply on top (they name the publication).
-    let mut last: HashMap<&str, &RegistryOp> = HashMap::new();
-    let mut order: Vec<&str> = Vec::new();
+    let mut last: BTreeMap<&str, &RegistryOp> = BTreeMap::new();
     let mut reopen = (Vec::new(), Vec::new(), Vec::new());
     for op in ops {
         if let RegistryOp::Reopen {
@@ -79,14 +102,12 @@ pub async fn record<'a>(
             reopen.2.push(*source_offset);
             continue;
         }
-        if last.insert(op.campaign(), op).is_none() {
-            order.push(op.campaign());
-        }
+        last.insert(op.campaign(), op);
     }
     let mut keep = KeepColumns::default();
     let mut forget: Vec<&str> = Vec::new();
-    for id in order {
-        match last[id] {
+    for op in last.into_values() {
+        match op {
             RegistryOp::Keep(e) => keep.push(e),
             RegistryOp::Forget { adv_campaign_id } => forget.push(adv_campaign_id),
             RegistryOp::Reopen { .. } => {}
@@ -94,7 +115,7 @@ pub async fn record<'a>(
     }
     if !keep.ids.is_empty() {
         tx.execute(
-            KEEP_SQL,
+            &prepared.keep,
             &[
                 &keep.ids,
                 &keep.restaurants,
@@ -111,10 +132,10 @@ pub async fn record<'a>(
         .await?;
     }
     if !forget.is_empty() {
-        tx.execute(FORGET_SQL, &[&forget]).await?;
+        tx.execute(&prepared.forget, &[&forget]).await?;
     }
     if !reopen.0.is_empty() {
-        tx.execute(REOPEN_SQL, &[&reopen.0, &reopen.1, &reopen.2])
+        tx.execute(&prepared.reopen, &[&reopen.0, &reopen.1, &reopen.2])
             .await?;
     }
     Ok(())
