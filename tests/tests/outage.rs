@@ -141,7 +141,8 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     assert!(!running.campaigns().cache.is_stale());
     assert_eq!(http_get(addr, "/health").await?.0, 200);
 
-    // And the cache follows the table again: a subscription added now reaches the next campaign.
+    // And the cache follows the table again: a subscription added now reaches the campaign that
+    // is active (a new_subscriber trigger) and the next campaign.
     let c = db.client().await?;
     db.subscribe_with(&c, "joined-after-restart", R1).await?;
     assert!(
@@ -163,19 +164,20 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
         NOW + 10,
     );
     kafka.produce(&[(None, value.as_bytes())]).await?;
+    // d1, its trigger for the new subscriber, d2.
     assert!(
         wait_for(Duration::from_secs(30), || running
             .campaigns()
             .stats()
             .offsets_stored
-            >= 2)
+            >= 3)
         .await,
         "{:?}",
         running.campaigns().stats()
     );
     stop(running).await?;
     let mut drafts: Vec<(String, String)> = kafka
-        .drafts(4)
+        .drafts(5)
         .await?
         .iter()
         .map(|m| {
@@ -195,7 +197,8 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     assert_eq!(
         drafts,
         [
-            (d1, c9.clone()),
+            (d1.clone(), c9.clone()),
+            (d1, "joined-after-restart".to_string()),
             (d2.clone(), c9),
             (d2, "joined-after-restart".to_string())
         ]
@@ -203,7 +206,7 @@ async fn a_postgres_restart_leads_to_a_full_resync_and_correct_joins() -> anyhow
     assert_eq!(
         db.count("SELECT count(*) FROM subscribers_feedback")
             .await?,
-        3
+        4
     );
     Ok(())
 }

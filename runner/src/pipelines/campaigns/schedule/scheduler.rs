@@ -232,7 +232,7 @@ pub struct Scheduler {
     cache: SubscriberCache,
     events: Arc<Events>,
     metrics: Arc<ScheduleMetrics>,
-    producer: FutureProducer,
+    producer: FutureProducer<crate::logging::LogContext>,
     audits: mpsc::UnboundedReceiver<Audit>,
     changes: broadcast::Receiver<Arc<CacheChange>>,
     /// The cache's follower has stopped (the runner is stopping).
@@ -288,7 +288,13 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut producer_cfg = cfg.producer.clone();
         producer_cfg.set("linger.ms", "5");
-        let producer: FutureProducer = producer_cfg.create()?;
+        // Its librdkafka log lines go through the runner's (named, secrets taken out, repeats
+        // limited), as every other client's.
+        let producer: FutureProducer<crate::logging::LogContext> = producer_cfg
+            .create_with_context(crate::logging::LogContext::new(
+                "campaign scheduler",
+                &producer_cfg,
+            ))?;
         events.update_schedule(|s| {
             for cause in Cause::ALL {
                 s.deliveries.entry(cause.as_str()).or_default();
