@@ -136,7 +136,7 @@ async fn one_run(
 ) -> Result<RunFigures> {
     let db = runner::db::connect(url).await?;
     db.batch_execute(
-        "TRUNCATE subscribers_feedback, campaign_runner_outbox, campaign_runner_fences, campaign_runner_registry",
+        "TRUNCATE subscribers_feedback, campaign_runner_outbox, campaign_runner_fences, campaign_runner_registry, campaign_runner_delivered",
     )
     .await?;
     let rss_from_here = reset_peak_rss();

@@ -14,6 +14,7 @@ mod outbox_limits;
 mod pipeline;
 mod produce;
 mod produce_campaigns;
+mod reached;
 mod reconcile;
 mod replay;
 mod restart;

@@ -9,7 +9,7 @@
 //! - `schedule/`: campaigns kept until they are over, delivered at their start and to
 //!   subscribers added while they run;
 //! - `feedback.rs`: the drafts' rows in the unit's PostgreSQL transaction;
-//! - `schema.rs`, `sql/`: the tables, the change feed, the idempotency key;
+//! - `schema.rs`, `sql/`: the tables, the change feed, what each campaign has reached;
 //! - `config.rs`: `[pipelines.campaigns]`;
 //! - here: evaluating a campaign, its records, starting the pipeline.
 
@@ -416,7 +416,7 @@ pub fn tables() -> Tables {
 }
 
 /// Creates everything the pipeline needs in the database: SPEC.md's tables (when absent), the
-/// change feed, the idempotency key, and the delivery protocol's tables.
+/// change feed, what each campaign has reached, and the delivery protocol's tables.
 pub async fn ensure_schema(client: &Client) -> Result<(), crate::db::DbError> {
     schema::ensure(client).await?;
     tables().ensure(client).await?;

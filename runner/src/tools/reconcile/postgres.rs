@@ -14,8 +14,11 @@ const REPAIR_SQL: &str = include_str!("sql/feedback_repair.sql");
 const OUTBOX_EXISTS_SQL: &str = include_str!("sql/outbox_exists.sql");
 const OUTBOX_DRAFTS_SQL: &str = include_str!("sql/outbox_drafts.sql");
 
-/// Pairs looked up, or rows inserted, per statement.
+/// Rows inserted per statement.
 const BATCH: usize = 1000;
+/// Pairs looked up per statement: SPEC.md's table has no index on them, so each statement reads
+/// the table once.
+const LOOKUP_BATCH: usize = 200_000;
 
 /// A row's fields, borrowed, in the order of the SQL files' select lists (after `id`).
 fn view(r: &Row) -> DraftView<'_> {
@@ -126,7 +129,7 @@ pub async fn lookup(
 ) -> Result<Vec<(i32, Draft)>, ReconcileError> {
     let statement = client.prepare(LOOKUP_SQL).await?;
     let mut out = Vec::new();
-    for chunk in pairs.chunks(BATCH) {
+    for chunk in pairs.chunks(LOOKUP_BATCH) {
         let (campaigns, clients): (Vec<&str>, Vec<&str>) =
             chunk.iter().map(|(a, c)| (a.as_str(), c.as_str())).unzip();
         for r in client.query(&statement, &[&campaigns, &clients]).await? {
@@ -149,8 +152,9 @@ pub async fn lookup_map(
     Ok(map)
 }
 
-/// Inserts `drafts` as rows in one transaction, a pair already there left as it is; returns
-/// how many rows were inserted.
+/// Inserts `drafts` as rows in one transaction, a pair already there left as it is, and adds
+/// the pairs inserted to what their campaigns have reached (`campaign_runner_delivered`);
+/// returns how many rows were inserted.
 pub async fn insert(client: &mut Client, drafts: &[Draft]) -> Result<u64, ReconcileError> {
     let tx = client.transaction().await?;
     let statement = tx.prepare(REPAIR_SQL).await?;
@@ -171,7 +175,7 @@ pub async fn insert(client: &mut Client, drafts: &[Draft]) -> Result<u64, Reconc
             })
             .collect::<Result<Vec<i32>, _>>()?;
         inserted += tx
-            .execute(
+            .query_one(
                 &statement,
                 &[
                     &text(|d| &d.restaurant_id),
@@ -186,7 +190,8 @@ pub async fn insert(client: &mut Client, drafts: &[Draft]) -> Result<u64, Reconc
                     &trigger,
                 ],
             )
-            .await?;
+            .await?
+            .get::<_, i64>(0) as u64;
     }
     tx.commit().await?;
     Ok(inserted)

@@ -12,8 +12,9 @@
 //! - here: the trigger records' form, and why a campaign's drafts were made (`Cause`).
 //!
 //! A trigger goes through the same evaluation (the rules decide again, at its `now`, whether
-//! the campaign is active) and the same exactly-once delivery as a publication. The
-//! (campaign, client) key of `subscribers_feedback` makes a trigger produced twice (a crash
+//! the campaign is active) and the same exactly-once delivery as a publication. What
+//! each campaign has reached (`campaign_runner_delivered`, see `feedback.rs`) makes a trigger
+//! produced twice (a crash
 //! between producing it and marking it, two runners during a rebalance) harmless: only drafts
 //! that are new are published, and nobody gets a campaign twice.
 

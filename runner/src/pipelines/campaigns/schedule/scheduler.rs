@@ -10,8 +10,8 @@
 //!   skipped `expired`).
 //!
 //! Added subscribers come from the subscriber cache's changes. What the changes cannot say is
-//! audited against `subscribers_feedback` instead (the restaurant's current subscribers less
-//! those who have the draft): every active campaign after a full reload of the cache, or when
+//! audited against what the campaign has reached instead (the restaurant's current subscribers
+//! less the clients of its row in `campaign_runner_delivered`): every active campaign after a full reload of the cache, or when
 //! this loop fell behind the changes or lost PostgreSQL; the campaigns of a partition newly
 //! taken over; and a campaign whose drafts were joined against a snapshot older than the one
 //! current when they were committed (a subscriber added in between). Every trigger is
@@ -40,7 +40,7 @@ const STARTED_SQL: &str = include_str!("../sql/registry_started.sql");
 const ENDED_SQL: &str = include_str!("../sql/registry_ended.sql");
 const ACTIVE_SQL: &str = include_str!("../sql/registry_active.sql");
 const SUMMARY_SQL: &str = include_str!("../sql/registry_summary.sql");
-const PRESENT_SQL: &str = include_str!("../sql/feedback_present.sql");
+const PRESENT_SQL: &str = include_str!("../sql/delivered_clients.sql");
 
 /// How often the registry is read for windows that opened or closed: a start is triggered
 /// within this much of its second (plus the trigger's way through the pipeline).
@@ -49,8 +49,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 const DUE_BATCH: i64 = 5_000;
 /// Clients named in one `new_subscriber` trigger (about 40 bytes each).
 const CLIENTS_PER_TRIGGER: usize = 1_000;
-/// (campaign, client) pairs looked up in `subscribers_feedback` per statement.
-const PAIRS_PER_LOOKUP: usize = 50_000;
+/// Campaigns whose clients reached are read from `campaign_runner_delivered` per statement.
+const CAMPAIGNS_PER_LOOKUP: usize = 1_000;
 /// A (campaign, client) pair triggered this recently is not triggered again (its trigger is
 /// on its way).
 const IN_FLIGHT: Duration = Duration::from_secs(30);
@@ -702,13 +702,26 @@ impl Scheduler {
             );
         }
         // Those who have the draft already.
+        let mut asked: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for (id, client) in &pairs {
+            asked.entry(id).or_default().insert(client);
+        }
+        let ids: Vec<&str> = asked.keys().copied().collect();
         let mut present: HashSet<(String, String)> = HashSet::new();
-        for chunk in pairs.chunks(PAIRS_PER_LOOKUP) {
-            let ids: Vec<&str> = chunk.iter().map(|p| p.0.as_str()).collect();
-            let clients: Vec<&str> = chunk.iter().map(|p| p.1.as_str()).collect();
-            let params: [&(dyn ToSql + Sync); 2] = [&ids, &clients];
+        for chunk in ids.chunks(CAMPAIGNS_PER_LOOKUP) {
+            let params: [&(dyn ToSql + Sync); 1] = [&chunk];
             for r in self.client().await?.query(PRESENT_SQL, &params).await? {
-                present.insert((r.get(0), r.get(1)));
+                let id: &str = r.get(0);
+                let reached: Vec<&str> = r.get(1);
+                let Some(wanted) = asked.get(id) else {
+                    continue;
+                };
+                present.extend(
+                    reached
+                        .into_iter()
+                        .filter(|cl| wanted.contains(cl))
+                        .map(|cl| (id.to_string(), cl.to_string())),
+                );
             }
         }
         let mut missing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
