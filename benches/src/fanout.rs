@@ -295,16 +295,25 @@ async fn kafka_alone(
     Ok(t.done(campaigns.len() * clients.len()))
 }
 
-/// The names of the headers of [`produce_share`]'s records: those the runner writes on a draft.
-const CEILING_HEADERS: [&str; 7] = [
-    "source-topic",
-    "source-partition",
-    "source-offset",
-    "rules-version",
-    "rules-sha256",
-    "subscribers-snapshot",
-    "adv-campaign-id",
-];
+/// The headers of [`produce_share`]'s records of `campaign`: those the runner writes on a
+/// draft, made by the runner's own code.
+fn ceiling_headers(campaign: &str) -> rdkafka::message::OwnedHeaders {
+    use runner::headers;
+    use runner::pipelines::campaigns::{header, provenance};
+    let given: headers::HeaderList = [
+        (headers::SOURCE_TOPIC, "campaigns"),
+        (headers::SOURCE_PARTITION, "0"),
+        (headers::SOURCE_OFFSET, "123456"),
+        (headers::RULES_VERSION, "campaign-rules 4.0.0"),
+        (headers::RULES_SHA256, &"0".repeat(64)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+    .collect();
+    let mut list = provenance::pack(given, 42);
+    list.push((header::ADV_CAMPAIGN_ID.into(), campaign.as_bytes().to_vec()));
+    headers::owned(list.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+}
 
 /// Counts records the broker did not take.
 #[derive(Default)]
@@ -345,16 +354,7 @@ fn produce_share(
         Failures::default(),
     )?;
     for camp in campaigns {
-        let values: [&[u8]; 7] = [
-            b"campaigns",
-            b"0",
-            b"123456",
-            b"campaign-rules 1.0.0",
-            &[b'0'; 64],
-            b"42",
-            camp.as_bytes(),
-        ];
-        let h = runner::headers::owned(CEILING_HEADERS.into_iter().zip(values));
+        let h = ceiling_headers(camp);
         for client in clients {
             let p = payload(camp, client);
             let mut record = BaseRecord::to(topic).key(client.as_bytes()).payload(&p);
@@ -746,12 +746,17 @@ async fn same_drafts(brokers: &str, runner_out: &str, peer_out: &str) -> Result<
             String::from_utf8_lossy(&peer_value),
             String::from_utf8_lossy(&runner_value)
         );
-        let ceiling = if runner_headers == CEILING_HEADERS {
+        use rdkafka::message::Headers as _;
+        let ceiling_names: Vec<String> = ceiling_headers("")
+            .iter()
+            .map(|h| h.key.to_string())
+            .collect();
+        let ceiling = if runner_headers == ceiling_names {
             "the same as the Kafka ceiling's".to_string()
         } else {
             format!(
                 "NOT those of the Kafka ceiling with the runner's headers ({})",
-                CEILING_HEADERS.join(", ")
+                ceiling_names.join(", ")
             )
         };
         Ok(format!(

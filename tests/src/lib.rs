@@ -293,6 +293,16 @@ pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// What a draft's `provenance` header says (None when it has none, or not in that form).
+pub fn provenance(
+    m: &OwnedMessage,
+) -> Option<runner::pipelines::campaigns::provenance::Provenance> {
+    runner::pipelines::campaigns::provenance::Provenance::parse(header(
+        m,
+        runner::pipelines::campaigns::header::PROVENANCE,
+    )?)
+}
+
 pub fn json(m: &OwnedMessage) -> serde_json::Value {
     serde_json::from_slice(m.payload().expect("a value")).expect("JSON value")
 }

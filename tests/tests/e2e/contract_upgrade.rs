@@ -6,7 +6,6 @@
 
 use e2e_tests::*;
 use runner::app::RunOptions;
-use runner::pipelines::campaigns::header;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -157,11 +156,9 @@ async fn a_reload_to_rules_of_the_old_contract_is_refused_and_the_rules_in_servi
             json(m)["adv_campaign_id"],
             "00000000-0000-4000-8000-0000000000c3"
         );
-        assert_eq!(header(m, header::RULES_SHA256), Some(good.sha256.as_str()));
-        assert_eq!(
-            header(m, header::RULES_VERSION),
-            Some(good.version.as_str())
-        );
+        let p = provenance(m).expect("a provenance header");
+        assert_eq!(p.rules_sha256, good.sha256);
+        assert_eq!(p.rules_version, good.version);
     }
     Ok(())
 }

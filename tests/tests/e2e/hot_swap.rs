@@ -5,7 +5,6 @@
 use e2e_tests::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use runner::app::RunOptions;
-use runner::pipelines::campaigns::header;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -135,9 +134,7 @@ async fn swapping_rules_under_load_loses_and_doubles_nothing() -> anyhow::Result
         BTreeMap::new();
     for m in &drafts {
         let v = json(m);
-        let version = header(m, header::RULES_VERSION)
-            .expect("rules-version header")
-            .to_string();
+        let version = provenance(m).expect("a provenance header").rules_version;
         let content = v["adv_campaign_content"].as_str().unwrap();
         assert_eq!(
             content.starts_with("[v2] "),

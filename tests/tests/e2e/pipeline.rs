@@ -79,12 +79,15 @@ async fn spec_example_end_to_end() -> anyhow::Result<()> {
         );
         assert_eq!(v.as_object().unwrap().len(), 10, "exactly the SPEC fields");
         assert!(v.get("feedback").is_none());
+        let p = provenance(m).expect("a provenance header");
+        assert_eq!(p.rules_version, rules.version);
+        assert_eq!(p.rules_sha256, rules.sha256);
+        assert_eq!(p.source_topic, kafka.input);
         assert_eq!(
-            header(m, header::RULES_VERSION),
-            Some(rules.version.as_str())
+            m.headers().map(rdkafka::message::Headers::count),
+            Some(2),
+            "provenance and adv-campaign-id"
         );
-        assert_eq!(header(m, header::RULES_SHA256), Some(rules.sha256.as_str()));
-        assert_eq!(header(m, header::SOURCE_TOPIC), Some(kafka.input.as_str()));
         assert_eq!(
             header(m, header::ADV_CAMPAIGN_ID),
             Some("123e4567-e89b-12d3-a456-426614174003")

@@ -208,7 +208,7 @@ async fn refused_components_keep_the_running_rules_in_service() -> anyhow::Resul
     assert_eq!(drafts.len(), 8);
     assert!(drafts
         .iter()
-        .all(|m| header(m, header::RULES_SHA256) == Some(good.sha256.as_str())));
+        .all(|m| provenance(m).is_some_and(|p| p.rules_sha256 == good.sha256)));
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! - `schedule/`: campaigns kept until they are over, delivered at their start and to
 //!   subscribers added while they run;
 //! - `feedback.rs`: the drafts' rows in the unit's PostgreSQL transaction;
+//! - `provenance.rs`: the one header that says where a draft comes from;
 //! - `schema.rs`, `sql/`: the tables, the change feed, what each campaign has reached;
 //! - `config.rs`: `[pipelines.campaigns]`;
 //! - here: evaluating a campaign, its records, starting the pipeline.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod contract;
 pub mod drafts;
 pub mod feedback;
+pub mod provenance;
 pub mod schedule;
 pub mod schema;
 
@@ -45,10 +47,11 @@ use tokio_postgres::{Client, Transaction};
 /// The pipeline's name in metrics, logs and `/status`.
 pub const NAME: &str = "campaigns";
 
-/// Header names of the campaign pipeline's drafts (besides the provenance every record has).
+/// Header names of the campaign pipeline's drafts: `provenance` (see `provenance.rs`) and the
+/// campaign's id.
 pub mod header {
+    pub use super::provenance::PROVENANCE;
     pub use crate::headers::*;
-    pub const SUBSCRIBERS_SNAPSHOT: &str = "subscribers-snapshot";
     pub const ADV_CAMPAIGN_ID: &str = "adv-campaign-id";
 }
 
@@ -177,16 +180,8 @@ impl crate::delivery::Pipeline for Campaigns {
         d.drafts.len()
     }
 
-    fn entry(
-        &self,
-        d: &CampaignDelivery,
-        source_offset: i64,
-        mut headers: HeaderList,
-    ) -> OutboxEntry {
-        headers.push((
-            header::SUBSCRIBERS_SNAPSHOT.into(),
-            d.snapshot.to_string().into_bytes(),
-        ));
+    fn entry(&self, d: &CampaignDelivery, source_offset: i64, headers: HeaderList) -> OutboxEntry {
+        let mut headers = provenance::pack(headers, d.snapshot);
         headers.push((
             header::ADV_CAMPAIGN_ID.into(),
             d.drafts.campaign.adv_campaign_id.as_bytes().to_vec(),

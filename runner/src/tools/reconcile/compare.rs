@@ -246,7 +246,7 @@ pub enum Difference {
         client_id: String,
         records: Vec<Pos>,
     },
-    /// The pair more than once in the table (only possible without the unique index).
+    /// The pair more than once in the table (the runner writes each pair once).
     DuplicateInPostgres {
         client_id: String,
         row_ids: Vec<i32>,

@@ -12,7 +12,9 @@
 //! value and headers, each draft consistent with its campaign).
 
 use super::inputs::{self, NOW, RESTAURANTS};
-use super::{check_dead_letter, env_number, header_list, property, runtime, source_of};
+use super::{
+    check_dead_letter, draft_source, env_number, header_list, property, runtime, source_of,
+};
 use super::{Input, Reader, Sender, Tally};
 use e2e_tests::*;
 use proptest::collection::vec;
@@ -317,7 +319,7 @@ impl World {
         check_eq("drafts on the topic", got, self.feedback_rows as usize)?;
         for m in &self.drafts.messages[drafts_before..] {
             let hs = header_list(m);
-            let at = source_of(&hs, 0).ok_or("a draft without its source")?;
+            let at = draft_source(&hs).ok_or("a draft without its source")?;
             let draft: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())
                 .map_err(|e| format!("a draft is not JSON: {e}"))?;
             let client = std::str::from_utf8(m.key().unwrap_or_default()).unwrap_or("");

@@ -295,6 +295,16 @@ pub fn source_of(hs: &[(String, Vec<u8>)], from: usize) -> Option<(i32, i64)> {
     ))
 }
 
+/// Where a draft came from: its `provenance` header's source partition and offset.
+pub fn draft_source(hs: &[(String, Vec<u8>)]) -> Option<(i32, i64)> {
+    let p = runner::pipelines::campaigns::provenance::Provenance::parse(header_from(
+        hs,
+        0,
+        runner::pipelines::campaigns::header::PROVENANCE,
+    )?)?;
+    Some((p.source_partition, p.source_offset))
+}
+
 /// A multi-threaded runtime for a property that drives the runner from a plain test.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
