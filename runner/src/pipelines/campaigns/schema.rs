@@ -39,7 +39,8 @@ const NEEDED: &[(&str, &[Column])] = &[
 ];
 
 /// Creates the tables when absent, never alters them, checks that what exists fits, and makes
-/// sure of `campaign_runner_delivered`.
+/// sure of `campaign_runner_delivered` (dropping the unique index earlier versions added to
+/// `subscribers_feedback` once the table holds what it indexed).
 pub async fn ensure(client: &Client) -> Result<(), DbError> {
     db::run_schema_script(client, &format!("{SCHEMA_SQL}\n{FEED_SQL}")).await?;
     for (table, columns) in NEEDED {
