@@ -2,7 +2,9 @@
 //! messages): check that this runner still owns the partition (fence), let the pipeline write
 //! its rows idempotently and say which of the unit's records are new, put what must reach Kafka
 //! — those records and the dead letters — in the outbox, and delete the outbox entries the
-//! partition's earlier units published. Also the steps of taking a partition over: claiming it
+//! partition's earlier units published. A COMMIT whose answer is lost (the connection broke)
+//! is settled by the token each attempt writes in the fence row: the next attempt reads it
+//! back before writing anything again. Also the steps of taking a partition over: claiming it
 //! (a new fence epoch), reading its outbox, deleting published entries.
 
 use super::outbox::{self, Kept, OutboxEntry, Target};
@@ -21,6 +23,7 @@ use tokio_postgres::{Client, Statement};
 
 const SCHEMA_SQL: &str = include_str!("sql/schema.sql");
 const FENCE_CHECK_SQL: &str = include_str!("sql/fence_check.sql");
+const COMMIT_CHECK_SQL: &str = include_str!("sql/commit_check.sql");
 const CLAIM_SQL: &str = include_str!("sql/claim.sql");
 const OUTBOX_LOAD_SQL: &str = include_str!("sql/outbox_load.sql");
 const OUTBOX_DELETE_SQL: &str = include_str!("sql/outbox_delete.sql");
@@ -44,6 +47,7 @@ pub struct Tables {
     pub prefix: String,
     schema: String,
     fence_check: String,
+    commit_check: String,
     claim: String,
     outbox_load: String,
     outbox_delete: String,
@@ -65,6 +69,7 @@ impl Tables {
             prefix: prefix.to_string(),
             schema: sql(SCHEMA_SQL),
             fence_check: sql(FENCE_CHECK_SQL),
+            commit_check: sql(COMMIT_CHECK_SQL),
             claim: sql(CLAIM_SQL),
             outbox_load: sql(OUTBOX_LOAD_SQL),
             outbox_delete: sql(OUTBOX_DELETE_SQL),
@@ -133,6 +138,13 @@ enum OpError {
     Db(DbError),
     Fenced(Fence),
     AlreadyThere,
+    /// The connection broke while the unit's COMMIT was in flight: the transaction may or may
+    /// not have committed. `kept` is what it would have committed, under `token`.
+    CommitUnknown {
+        cause: DbError,
+        token: String,
+        kept: Vec<Kept>,
+    },
 }
 
 impl From<tokio_postgres::Error> for OpError {
@@ -270,8 +282,12 @@ impl<P: Pipeline> PgSide<P> {
         events: &Events,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), CommitError> {
+        let e = match e {
+            OpError::CommitUnknown { cause, .. } => OpError::Db(cause),
+            e => e,
+        };
         match e {
-            OpError::AlreadyThere => Ok(()),
+            OpError::AlreadyThere | OpError::CommitUnknown { .. } => Ok(()),
             OpError::Fenced(f) => Err(CommitError::Fenced {
                 topic: f.topic,
                 partition: f.partition,
@@ -445,25 +461,46 @@ impl<P: Pipeline> PgSide<P> {
     ) -> Result<Vec<Kept>, CommitError> {
         let mut backoff = Backoff::new(max_backoff);
         let mut careful = false;
+        // An attempt whose COMMIT got no answer: its token and what it would have committed.
+        let mut unknown: Option<(String, Vec<Kept>)> = None;
         let pipeline = self.pipeline.clone();
+        let tables = self.tables.clone();
         loop {
             let attempt = match self.prepared().await {
-                Ok((c, st)) => {
-                    let unit = UnitTx {
-                        fence,
-                        unit,
-                        entries,
-                        published_through,
-                        careful,
-                    };
-                    unit.commit(c, &st, &*pipeline).await
-                }
+                Ok((c, st)) => match &unknown {
+                    // Did it commit? Then it is done: written again, its drafts would all be
+                    // there already and none would be published.
+                    Some((token, kept)) => match committed(c, &tables, fence, token).await {
+                        Ok(true) => break Ok(kept.clone()),
+                        Ok(false) => {
+                            unknown = None;
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => {
+                        let unit = UnitTx {
+                            fence,
+                            unit,
+                            entries,
+                            published_through,
+                            careful,
+                            token: uuid::Uuid::new_v4().simple().to_string(),
+                        };
+                        unit.commit(c, &st, &*pipeline).await
+                    }
+                },
                 Err(e) => Err(OpError::Db(e)),
             };
             match attempt {
                 Ok(kept) => break Ok(kept),
                 // Some record was delivered already: again, keeping only the new ones.
                 Err(OpError::AlreadyThere) => careful = true,
+                Err(OpError::CommitUnknown { cause, token, kept }) => {
+                    unknown = Some((token, kept));
+                    self.after_failure(OpError::Db(cause), "commit", &mut backoff, events, stop)
+                        .await?
+                }
                 Err(e) => {
                     self.after_failure(e, "commit", &mut backoff, events, stop)
                         .await?
@@ -473,6 +510,19 @@ impl<P: Pipeline> PgSide<P> {
     }
 }
 
+/// Whether the unit transaction marked with `token` committed (see `fence_check.sql`).
+async fn committed(
+    c: &Client,
+    tables: &Tables,
+    fence: &Fence,
+    token: &str,
+) -> Result<bool, OpError> {
+    let row = c
+        .query_opt(&tables.commit_check, &[&fence.topic, &fence.partition])
+        .await?;
+    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(token))
+}
+
 /// One attempt at a unit's transaction.
 struct UnitTx<'a, D, H> {
     fence: &'a Fence,
@@ -480,6 +530,8 @@ struct UnitTx<'a, D, H> {
     entries: &'a [OutboxEntry],
     published_through: Option<i64>,
     careful: bool,
+    /// Marks the attempt in the partition's fence row (`fence_check.sql`).
+    token: String,
 }
 
 impl<D: Send + Sync + 'static, H: Send + Sync + 'static> UnitTx<'_, D, H> {
@@ -492,7 +544,7 @@ impl<D: Send + Sync + 'static, H: Send + Sync + 'static> UnitTx<'_, D, H> {
         let fence = self.fence;
         let tx = client.transaction().await?;
         // Sent together (one round trip): if the fence check fails the cleanup is rolled back.
-        let fence_params: [&(dyn ToSql + Sync); 2] = [&fence.topic, &fence.partition];
+        let fence_params: [&(dyn ToSql + Sync); 3] = [&fence.topic, &fence.partition, &self.token];
         let check = tx.query_opt(&st.fence, &fence_params);
         let cleanup = async {
             match self.published_through {
@@ -565,8 +617,16 @@ impl<D: Send + Sync + 'static, H: Send + Sync + 'static> UnitTx<'_, D, H> {
             }
             writer.finish().await?;
         }
-        tx.commit().await?;
-        Ok(kept)
+        match tx.commit().await {
+            Ok(()) => Ok(kept),
+            // No answer (the connection broke): committed or not, the next attempt finds out.
+            Err(e) if e.as_db_error().is_none() => Err(OpError::CommitUnknown {
+                cause: DbError::from_pg(e),
+                token: self.token,
+                kept,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! campaign has reached (`campaign_runner_delivered`), not by an index on SPEC.md's table:
 //! units committed straight through the campaign pipeline's PostgreSQL side, as a runner
 //! commits them — the same campaign twice in one unit, a unit committed again, first
-//! deliveries of one campaign on two partitions at the same time, and the drafts written
-//! before this table existed.
+//! deliveries of one campaign on two partitions at the same time, the drafts written before
+//! this table existed — and a unit whose COMMIT committed but whose answer was lost.
 
 use e2e_tests::*;
 use runner::delivery::{Evaluated, Fence, Kept, OutboxEntry, Outcome, PgSide, Records, Target};
@@ -330,5 +330,129 @@ async fn drafts_written_before_the_table_existed_count_as_delivered() -> anyhow:
     let mut want = pairs(x, &["a", "b", "c"]);
     want.extend(pairs(y, &["a"]));
     assert_eq!(rows(&db).await?, want);
+    Ok(())
+}
+
+/// A TCP proxy to PostgreSQL that, `times` times, closes the connection as the server answers
+/// a COMMIT: the transaction has committed, and the client never hears so.
+struct CommitAnswerLost {
+    addr: std::net::SocketAddr,
+    lost: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CommitAnswerLost {
+    /// The server's CommandComplete message for a COMMIT: tag, length, "COMMIT\0".
+    const ANSWER: &'static [u8] = b"C\0\0\0\x0bCOMMIT\0";
+
+    async fn start(upstream: String, times: usize) -> anyhow::Result<CommitAnswerLost> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let lost = Arc::new(AtomicUsize::new(0));
+        let left = Arc::new(AtomicUsize::new(times));
+        let counted = lost.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (left, counted) = (left.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        tokio::io::copy(&mut from_client, &mut to_server).await
+                    });
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match from_server.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let at = buf[..n]
+                            .windows(Self::ANSWER.len())
+                            .position(|w| w == Self::ANSWER);
+                        if let Some(at) = at {
+                            let armed = left
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                                    l.checked_sub(1)
+                                })
+                                .is_ok();
+                            if armed {
+                                let _ = to_client.write_all(&buf[..at]).await;
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                up.abort();
+                                return;
+                            }
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Ok(CommitAnswerLost { addr, lost })
+    }
+
+    fn lost(&self) -> usize {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_commit_answer_is_lost_is_published_whole() -> anyhow::Result<()> {
+    let db = TestDb::new().await?.with_schema().await?;
+    let cfg: tokio_postgres::Config = db.url.parse()?;
+    let (host, port) = match (cfg.get_hosts().first(), cfg.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), Some(p)) => (h.clone(), *p),
+        _ => anyhow::bail!("the test database is not reached over TCP: {}", db.url),
+    };
+    let proxy = CommitAnswerLost::start(format!("{host}:{port}"), 1).await?;
+    let through_proxy = db
+        .url
+        .replace(
+            &format!("host={host}"),
+            &format!("host={}", proxy.addr.ip()),
+        )
+        .replace(
+            &format!("port={port}"),
+            &format!("port={}", proxy.addr.port()),
+        );
+    anyhow::ensure!(through_proxy != db.url, "{} names no host and port", db.url);
+    let (_tx, mut stop) = watch::channel(false);
+    let mut side = campaigns_pg_at(&through_proxy);
+    let fence = side
+        .claim(
+            TOPIC,
+            0,
+            "runner-0",
+            &Events::default(),
+            Duration::from_secs(1),
+            &mut stop,
+        )
+        .await?;
+    let x = "00000000-0000-4000-8000-0000000000c1";
+    let u = unit(0, 0, &[(x, &["a", "b", "c"])])?;
+    let kept = commit(&mut side, &fence, &u).await?;
+    assert_eq!(proxy.lost(), 1, "the COMMIT's answer was lost once");
+    assert_eq!(
+        kept,
+        vec![Kept {
+            entry: 0,
+            only: None
+        }],
+        "the unit committed: all its drafts go to Kafka, none is taken for one delivered before"
+    );
+    assert_eq!(rows(&db).await?, pairs(x, &["a", "b", "c"]));
+    assert_eq!(
+        db.count("SELECT count(*) FROM campaign_runner_outbox WHERE source_offset = 0")
+            .await?,
+        1,
+        "its outbox entry once"
+    );
     Ok(())
 }

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS public.{prefix}_fences (
     owner text NOT NULL,
     PRIMARY KEY (topic, partition)
 );
+-- The token of the last unit transaction committed for the partition (fence_check.sql).
+ALTER TABLE public.{prefix}_fences ADD COLUMN IF NOT EXISTS last_commit text;
 
 -- Outbox payloads are short-lived and very alike (one message's records): lz4 compresses them
 -- several times faster than the default pglz, which the fan-out benchmark showed as a cost.
