@@ -814,31 +814,23 @@ pub async fn run(
     let made_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
+    let kafka = |headers: bool| {
+        kafka_alone(
+            &brokers,
+            &topic,
+            &sink_campaigns,
+            &sink_clients,
+            INPUT_PARTITIONS,
+            headers,
+        )
+    };
     // A fresh broker's JVM (and PostgreSQL's caches) are slower in their first seconds: one
     // unmeasured round of both ceilings first, so that run 1 measures what the others do.
     pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000).await?;
-    kafka_alone(
-        &brokers,
-        &topic,
-        &sink_campaigns,
-        &sink_clients,
-        INPUT_PARTITIONS,
-        true,
-    )
-    .await?;
+    kafka(true).await?;
     for run in 1..=runs {
         let c = pg_copy_alone(&url, &sink_campaigns, &sink_clients, 50_000).await?;
         let p = pg_protocol(&url, &sink_campaigns, &sink_clients, 50_000).await?;
-        let kafka = |headers: bool| {
-            kafka_alone(
-                &brokers,
-                &topic,
-                &sink_campaigns,
-                &sink_clients,
-                INPUT_PARTITIONS,
-                headers,
-            )
-        };
         let k = kafka(true).await?;
         let kr = kafka(false).await?;
         let (f, runner_rows, runner_out) =
